@@ -1,0 +1,379 @@
+"""The agent actor and ``Agent``, the handle users hold.
+
+An agent owns its transcript, the token history its KV cache covers, and the cache
+itself (in memory, or a file in the store until it speaks again). A turn renders the
+chat template, reuses the longest prefix the cache already covers, and sends only the
+rest to the scheduler. One agent's turns run one at a time, in the order they came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, cast
+
+import anyio
+import anyio.to_thread
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._actor import Actor, Pending, Request
+from .._errors import ContextLengthError, EngineError
+from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
+from ..storage._catalog import AgentRecord
+from ._engine import FinishEvent
+from ._mlx import LoadedModel, ModelInfo
+from ._scheduler import Scheduler, StartTurn, TurnChannel
+from ._storage import CommitTurn, RestoreCache, Storage
+
+logger = logging.getLogger("troupe")
+
+
+@attrs.frozen
+class Turn(Request[Reply]):
+    text: str
+    sampling: Sampling
+    deltas: MemoryObjectSendStream[str] | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
+class Tell(Request[None]):
+    text: str
+
+
+@attrs.define
+class AgentState:
+    """What an agent remembers; restored from the store on reopen."""
+
+    system: str
+    transcript: list[Message] = attrs.field(factory=list)
+    history: list[int] = attrs.field(factory=list)
+    turns: int = 0
+    kv_file: str | None = None
+
+    @classmethod
+    def from_record(cls, record: AgentRecord) -> AgentState:
+        return cls(
+            system=record.system,
+            transcript=[Message(cast(Role, role), text) for role, text in record.messages],
+            history=list(record.history),
+            turns=record.turns,
+            kv_file=record.kv_file,
+        )
+
+
+@attrs.define(eq=False)
+class Services:
+    """The runtime parts an agent talks to."""
+
+    model: LoadedModel
+    info: ModelInfo
+    scheduler: Scheduler
+    storage: Storage
+    counters: TurnCounters
+    tokenizer_limiter: anyio.CapacityLimiter
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class AgentActor(Actor):
+    """The actor behind an ``Agent`` handle."""
+
+    def __init__(self, agent_id: str, state: AgentState, services: Services, mailbox: int) -> None:
+        super().__init__(f"agent {agent_id!r}", mailbox)
+        self.agent_id = agent_id
+        self.state = state
+        self._services = services
+        self._cache: Any = None  # KV layers that cover state.history, when in memory
+        self.tokens_generated = 0
+        self.tokens_prefilled = 0
+        self.tokens_reused = 0
+
+    async def handle(self, message: Request[Any]) -> Any:
+        if isinstance(message, Turn):
+            try:
+                return await self._turn(message)
+            finally:
+                if message.deltas is not None:
+                    message.deltas.close()
+        if isinstance(message, Tell):
+            await self._commit([Message("user", message.text)], turn=False)
+            return None
+        raise TypeError(f"an agent cannot handle {message!r}")
+
+    def _messages(self, extra: Message) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": self.state.system}] if self.state.system else []
+        messages += [{"role": m.role, "content": m.content} for m in self.state.transcript]
+        messages.append({"role": extra.role, "content": extra.content})
+        return messages
+
+    async def _turn(self, turn: Turn) -> Reply:
+        services = self._services
+        user = Message("user", turn.text)
+        prompt = await anyio.to_thread.run_sync(
+            services.model.render, self._messages(user), limiter=services.tokenizer_limiter
+        )
+        needed = len(prompt) + turn.sampling.max_tokens
+        limit = services.info.context_length
+        if needed > limit:
+            raise ContextLengthError(
+                f"agent {self.agent_id!r}: {len(prompt)} prompt tokens + max_tokens "
+                f"{turn.sampling.max_tokens} = {needed} exceeds the model's context of {limit}",
+                needed=needed, limit=limit,
+            )
+        await self._bring_back_cache()
+        reuse = 0
+        if self._cache is not None:
+            # At least one token must be new: the model needs an input to predict from.
+            reuse = min(_common_prefix(self.state.history, prompt), len(prompt) - 1)
+        seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
+        start = StartTurn(prompt[reuse:], prompt[:reuse], self._cache, turn.sampling, seed)
+        # Shielded: once the scheduler has the cache, we must hold the channel to get it back.
+        with anyio.CancelScope(shield=True):
+            channel = await services.scheduler.call(start)
+        self._cache, self.state.history = None, []
+        finish, text = await self._follow(channel, turn.deltas)
+        self._take_back(finish)
+        if finish.error is not None:
+            services.counters.turns_failed += 1
+            raise EngineError(f"agent {self.agent_id!r}: the turn failed: {finish.error}") \
+                from finish.error
+        reply = Reply(
+            agent_id=self.agent_id,
+            text=text,
+            tokens=finish.tokens,
+            prompt_tokens=len(prompt) - reuse,
+            cached_tokens=reuse,
+            finish_reason="stop" if finish.finish_reason == "stop" else "length",
+        )
+        with anyio.CancelScope(shield=True):
+            await self._commit([user, Message("assistant", reply.text)], turn=True)
+        counters = services.counters
+        counters.turns_completed += 1
+        counters.tokens_generated += len(reply.tokens)
+        counters.tokens_prefilled += reply.prompt_tokens
+        counters.tokens_reused += reply.cached_tokens
+        self.tokens_generated += len(reply.tokens)
+        self.tokens_prefilled += reply.prompt_tokens
+        self.tokens_reused += reply.cached_tokens
+        return reply
+
+    async def _follow(
+        self, channel: TurnChannel, deltas: MemoryObjectSendStream[str] | None
+    ) -> tuple[FinishEvent, str]:
+        """Forward the turn's text as it comes; on cancellation take the turn out first."""
+        pieces: list[str] = []
+        try:
+            async for event in channel.events:
+                pieces.append(event.text)
+                if deltas is not None and event.text:
+                    self._forward(deltas, event.text)
+                if isinstance(event, FinishEvent):
+                    return event, "".join(pieces)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                channel.cancel()
+                async for event in channel.events:
+                    if isinstance(event, FinishEvent):
+                        self._take_back(event)
+                self._services.counters.turns_cancelled += 1
+            raise
+        raise EngineError("the engine closed the turn without finishing it")
+
+    @staticmethod
+    def _forward(deltas: MemoryObjectSendStream[str], text: str) -> None:
+        # If the reader left, the turn still completes and is recorded.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            deltas.send_nowait(text)
+
+    def _take_back(self, finish: FinishEvent) -> None:
+        if finish.cache is not None:
+            self._cache, self.state.history = finish.cache, list(finish.all_tokens)
+        else:
+            self._cache, self.state.history = None, []
+
+    async def _bring_back_cache(self) -> None:
+        state = self.state
+        if self._cache is not None or state.kv_file is None or not state.history:
+            return
+        self._cache = await self._services.storage.call(
+            RestoreCache(self.agent_id, state.kv_file, len(state.history))
+        )
+        if self._cache is None:
+            state.history, state.kv_file = [], None
+
+    async def _commit(self, messages: list[Message], *, turn: bool) -> None:
+        state = self.state
+        first_seq = len(state.transcript)
+        state.transcript.extend(messages)
+        if turn:
+            state.turns += 1
+        state.kv_file = await self._services.storage.call(
+            CommitTurn(
+                agent_id=self.agent_id,
+                first_seq=first_seq,
+                messages=[(m.role, m.content) for m in messages],
+                turns=state.turns,
+                history=tuple(state.history),
+                cache=self._cache if turn else None,
+                previous_file=state.kv_file,
+            )
+        )
+
+    def statistics(self) -> AgentStatistics:
+        return AgentStatistics(
+            agent_id=self.agent_id,
+            turns=self.state.turns,
+            messages=len(self.state.transcript),
+            cached_tokens=len(self.state.history),
+            tokens_generated=self.tokens_generated,
+            tokens_prefilled=self.tokens_prefilled,
+            tokens_reused=self.tokens_reused,
+        )
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"message must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("message must not be empty")
+    return text
+
+
+class Agent:
+    """A handle to one agent. Get one from ``Runtime.spawn`` or ``Runtime.get``.
+
+    Methods may be called from any task; an agent's turns run one at a time, in order.
+    """
+
+    def __init__(self, actor: AgentActor) -> None:
+        self._actor = actor
+
+    @property
+    def id(self) -> str:
+        return self._actor.agent_id
+
+    @property
+    def system(self) -> str:
+        return self._actor.state.system
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.id!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Agent) and other._actor is self._actor
+
+    def __hash__(self) -> int:
+        return hash(self._actor)
+
+    async def say(
+        self,
+        text: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Reply:
+        """Send the agent a user message and wait for its whole reply.
+
+        Raises ValueError/TypeError for bad arguments, ContextLengthError if the turn
+        cannot fit the context, RuntimeClosedError after close, AgentFailedError if
+        this agent's actor stopped. Cancelling the call cancels the turn: the
+        transcript is left as it was.
+        """
+        turn = Turn(_check_text(text), Sampling(max_tokens, temperature, top_p, seed, stop))
+        pending = await self._actor.submit(turn)
+        return await pending.result()
+
+    def stream(
+        self,
+        text: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> ReplyStream:
+        """Like ``say``, but yields the reply's text as it is generated.
+
+        ``async for delta in agent.stream(...)``; afterwards ``.reply`` holds the Reply.
+        Use ``async with agent.stream(...) as s:`` to cancel the turn on early exit.
+        """
+        sampling = Sampling(max_tokens, temperature, top_p, seed, stop)
+        return ReplyStream(self._actor, _check_text(text), sampling)
+
+    async def tell(self, text: str) -> None:
+        """Add a user message to the transcript without asking for a reply.
+
+        Fire-and-forget: it is queued behind the agent's turns and read at its next turn.
+        """
+        await self._actor.send(Tell(_check_text(text)))
+
+    def transcript(self) -> tuple[Message, ...]:
+        """The conversation so far, oldest first (the system prompt not included)."""
+        return tuple(self._actor.state.transcript)
+
+    def statistics(self) -> AgentStatistics:
+        """A snapshot of this agent's counters."""
+        return self._actor.statistics()
+
+
+class ReplyStream:
+    """The text of one turn as it is generated; ``reply`` is set once it ends."""
+
+    def __init__(self, actor: AgentActor, text: str, sampling: Sampling) -> None:
+        self._actor = actor
+        self._text = text
+        self._sampling = sampling
+        self._pending: Pending[Reply] | None = None
+        self._deltas: MemoryObjectReceiveStream[str] | None = None
+        self.reply: Reply | None = None
+
+    def __aiter__(self) -> ReplyStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._pending is None:
+            send, self._deltas = anyio.create_memory_object_stream[str](math.inf)
+            self._pending = await self._actor.submit(Turn(self._text, self._sampling, send))
+        assert self._deltas is not None
+        try:
+            return await self._deltas.receive()
+        except anyio.EndOfStream:
+            pass
+        except BaseException:
+            self._pending.cancel()
+            raise
+        self.reply = await self._pending.result()
+        raise StopAsyncIteration
+
+    async def __aenter__(self) -> ReplyStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel the turn if it is still running."""
+        if self._pending is not None and self.reply is None:
+            self._pending.cancel()
+        if self._deltas is not None:
+            self._deltas.close()

@@ -1,0 +1,368 @@
+"""The MLX engine thread: the only thread that touches MLX.
+
+It owns the model and mlx-lm's BatchGenerator, takes commands from a thread-safe queue,
+and steps the batch while any sequence is in flight. Each step's tokens go back to the
+event loop in one hop (``anyio.from_thread.run_sync``), so the loop never waits on MLX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+import attrs
+
+from .._errors import EngineError, RuntimeClosedError
+from .._records import Sampling
+from ._mlx import (
+    Batch,
+    KVLayers,
+    LoadedModel,
+    ModelInfo,
+    StepOutput,
+    TextStream,
+    cache_tokens,
+    make_sampler,
+    release_thread_resources,
+    trim_cache,
+)
+
+logger = logging.getLogger("troupe")
+T = TypeVar("T")
+
+
+@attrs.frozen
+class TokenEvent:
+    """New tokens of one turn and the text they complete (possibly empty)."""
+
+    key: int
+    tokens: tuple[int, ...]
+    text: str
+
+
+@attrs.frozen
+class FinishEvent:
+    """A turn left the batch: finished, stopped, cancelled or failed.
+
+    ``cache`` covers exactly ``all_tokens`` (None if it was lost to an error).
+    """
+
+    key: int
+    finish_reason: str
+    text: str
+    tokens: tuple[int, ...]
+    cache: KVLayers | None
+    all_tokens: tuple[int, ...]
+    error: BaseException | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+
+@attrs.frozen
+class SequenceSpec:
+    """What the engine needs to run one turn. ``cache`` covers at least ``history``."""
+
+    key: int
+    prompt: list[int]
+    history: list[int]
+    cache: KVLayers | None
+    sampling: Sampling
+    seed: int
+
+
+@attrs.define(eq=False)
+class _Sequence:
+    spec: SequenceSpec
+    uid: int
+    text: TextStream
+    held: str = ""
+    generated: list[int] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class _Outcome(Generic[T]):
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    value: Any = None
+    error: BaseException | None = None
+
+    def set(self, value: Any, error: BaseException | None) -> None:
+        self.value, self.error = value, error
+        self.done.set()
+
+
+@attrs.define
+class EngineCounters:
+    steps: int = 0
+    peak_batch_size: int = 0
+    tokens_generated: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+_STOP = object()
+
+
+class Engine:
+    """The engine thread and its command queue."""
+
+    def __init__(
+        self, model_source: Callable[[], Path], *, max_batch_size: int, prefill_step_size: int
+    ) -> None:
+        self._model_source = model_source
+        self._max_batch_size = max_batch_size
+        self._prefill_step_size = prefill_step_size
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="troupe-mlx", daemon=True)
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._sequences: dict[int, _Sequence] = {}
+        self._by_uid: dict[int, _Sequence] = {}
+        self._model: LoadedModel | None = None
+        self._batch: Batch | None = None
+        self.deliver: Callable[[list[Event]], None] = lambda events: None
+        self.counters = EngineCounters()
+        self.failure: BaseException | None = None
+
+    # -- event loop side
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model (its tokenizer may be used off the engine thread)."""
+        assert self._model is not None, "the engine has not loaded its model"
+        return self._model
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def start(self) -> ModelInfo:
+        """Start the thread and load the model on it."""
+        self._token = anyio.lowlevel.current_token()
+        self._thread.start()
+        return await self.run(self._load)
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between batch steps and return its result."""
+        if not self._thread.is_alive():
+            raise RuntimeClosedError("the engine thread is not running")
+        outcome: _Outcome[T] = _Outcome()
+        self._commands.put((fn, outcome))
+        await outcome.done.wait()
+        if outcome.error is not None:
+            raise outcome.error
+        result: T = outcome.value
+        return result
+
+    def insert(self, spec: SequenceSpec) -> None:
+        self._commands.put(spec)
+
+    def cancel(self, key: int) -> None:
+        self._commands.put(("cancel", key))
+
+    async def stop(self) -> None:
+        """Cancel what is in flight, end the thread and join it."""
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            await anyio.to_thread.run_sync(self._thread.join, abandon_on_cancel=False)
+
+    # -- engine thread side
+
+    def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._token is not None
+        with contextlib.suppress(anyio.RunFinishedError):
+            anyio.from_thread.run_sync(fn, *args, token=self._token)
+
+    def _load(self) -> ModelInfo:
+        self._model = LoadedModel(self._model_source())
+        self._batch = Batch(self._model, self._max_batch_size, self._prefill_step_size)
+        return self._model.info
+
+    def _main(self) -> None:
+        try:
+            while True:
+                # Idle: sleep until a command comes. Busy: take what is queued and step.
+                commands = [] if self._sequences else [self._commands.get()]
+                while True:
+                    try:
+                        commands.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if any(c is _STOP for c in commands):
+                    # Calls queued with the stop still get an answer.
+                    for command in commands:
+                        if isinstance(command, tuple) and isinstance(command[1], _Outcome):
+                            self._call(*command)
+                    break
+                for command in commands:
+                    self._execute(command)
+                if self._sequences:
+                    self._step()
+        except BaseException as exc:
+            logger.exception("the MLX engine thread failed")
+            self.failure = exc
+            error = EngineError(f"the MLX engine failed: {exc!r}")
+            error.__cause__ = exc
+            self._finish_all("error", error)
+        else:
+            self._finish_all("cancelled", None)
+        finally:
+            if self._batch is not None:
+                self._batch.close()
+            release_thread_resources()
+
+    def _execute(self, command: Any) -> None:
+        if isinstance(command, SequenceSpec):
+            self._insert(command)
+        elif isinstance(command[1], _Outcome):
+            self._call(*command)
+        else:
+            self._cancel(command[1])
+
+    def _call(self, fn: Callable[[], Any], outcome: _Outcome[Any]) -> None:
+        try:
+            value = fn()
+        except Exception as exc:
+            self._to_loop(outcome.set, None, exc)
+        else:
+            self._to_loop(outcome.set, value, None)
+
+    def _insert(self, spec: SequenceSpec) -> None:
+        assert self._batch is not None
+        assert self._model is not None
+        try:
+            cache = spec.cache
+            if cache is not None:
+                trim_cache(cache, len(spec.history))
+                if cache_tokens(cache) != len(spec.history):
+                    raise EngineError("the cache does not cover the turn's history")
+            elif spec.history:
+                raise EngineError("a turn with history needs its cache")
+            uid = self._batch.insert(
+                spec.prompt,
+                spec.history,
+                cache,
+                make_sampler(spec.sampling, spec.seed),
+                spec.sampling.max_tokens,
+            )
+        except Exception as exc:
+            self._to_loop(self.deliver, [self._failed(spec, exc)])
+            return
+        sequence = _Sequence(spec, uid, TextStream(self._model))
+        self._sequences[spec.key] = sequence
+        self._by_uid[uid] = sequence
+
+    @staticmethod
+    def _failed(spec: SequenceSpec, exc: BaseException) -> FinishEvent:
+        return FinishEvent(spec.key, "error", "", (), None, (), exc)
+
+    def _cancel(self, key: int) -> None:
+        sequence = self._sequences.get(key)
+        if sequence is None:
+            return
+        assert self._batch is not None
+        removed = self._batch.remove(sequence.uid)
+        self._to_loop(self.deliver, [self._close(sequence, "cancelled", removed, "")])
+
+    def _close(
+        self,
+        sequence: _Sequence,
+        reason: str,
+        cache_and_tokens: tuple[KVLayers, list[int]] | None,
+        text: str,
+        error: BaseException | None = None,
+    ) -> FinishEvent:
+        del self._sequences[sequence.spec.key]
+        del self._by_uid[sequence.uid]
+        cache, tokens = cache_and_tokens if cache_and_tokens else (None, [])
+        if cache is not None and cache_tokens(cache) != len(tokens):
+            # Never hand back a cache whose token history is not exactly known.
+            logger.warning("dropping a cache that covers %d tokens, not %d",
+                           cache_tokens(cache), len(tokens))
+            cache, tokens = None, []
+        return FinishEvent(
+            sequence.spec.key, reason, text, tuple(sequence.generated),
+            cache, tuple(tokens), error,
+        )
+
+    def _step(self) -> None:
+        assert self._batch is not None
+        outputs = self._batch.step()
+        counters = self.counters
+        counters.steps += 1
+        counters.tokens_generated += len(outputs)
+        counters.peak_batch_size = max(counters.peak_batch_size, len(outputs))
+        counters.prefill_seconds = self._batch.prefill_seconds
+        counters.decode_seconds = self._batch.decode_seconds
+        events: list[Event] = []
+        for output in outputs:
+            sequence = self._by_uid.get(output.uid)
+            if sequence is not None:
+                events.append(self._advance(sequence, output))
+        if events:
+            self._to_loop(self.deliver, events)
+
+    def _advance(self, sequence: _Sequence, output: StepOutput) -> Event:
+        assert self._model is not None
+        assert self._batch is not None
+        sequence.generated.append(output.token)
+        if output.token not in self._model.info.eos_token_ids:
+            sequence.held += sequence.text.add(output.token)
+        if output.finish_reason is not None:
+            sequence.held += sequence.text.flush()
+        stops = sequence.spec.sampling.stop
+        emit, stopped = _split_at_stop(sequence.held, stops)
+        if stopped:
+            sequence.held = ""
+            removed: tuple[KVLayers, list[int]] | None
+            if output.finish_reason is not None:
+                removed = (output.cache or [], output.all_tokens or [])
+            else:
+                removed = self._batch.remove(sequence.uid)
+            return self._close(sequence, "stop", removed, emit)
+        if output.finish_reason is not None:
+            sequence.held = ""
+            return self._close(
+                sequence, output.finish_reason, (output.cache or [], output.all_tokens or []), emit
+            )
+        hold = _held_back(emit, stops)
+        sequence.held = emit[len(emit) - hold :] if hold else ""
+        return TokenEvent(sequence.spec.key, (output.token,), emit[: len(emit) - hold])
+
+    def _finish_all(self, reason: str, error: BaseException | None) -> None:
+        events: list[Event] = []
+        for sequence in list(self._sequences.values()):
+            removed = None
+            if self._batch is not None and error is None:
+                try:
+                    removed = self._batch.remove(sequence.uid)
+                except Exception:
+                    removed = None
+            events.append(self._close(sequence, reason, removed, "", error))
+        if events:
+            self._to_loop(self.deliver, events)
+
+
+def _split_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string, if one occurs."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that could begin a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best

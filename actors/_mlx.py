@@ -1,0 +1,280 @@
+"""The typed adapter around mlx-lm: the one module that knows its internals.
+
+mlx-lm is untyped and moves fast; troupe uses its loader, chat templates, KV cache classes
+and ``BatchGenerator``, all through this module. Everything that makes or evaluates MLX
+arrays here must run on the engine thread (MLX streams are thread-local).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+
+from .._errors import ModelLoadError
+from .._records import Sampling
+
+# Per-layer mlx-lm cache objects. Opaque outside the engine thread.
+KVLayers = list[Any]
+Sampler = Callable[[mx.array], mx.array]
+
+
+@attrs.frozen
+class ModelInfo:
+    """What the runtime knows about its model."""
+
+    path: str
+    name: str
+    context_length: int
+    num_layers: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    kv_bytes_per_token: int
+    persistable_cache: bool
+    """Whether the model's cache is plain KVCache layers, the kind the store can save."""
+
+
+def _context_length(config: dict[str, Any]) -> int:
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        return _context_length(text_config)
+    return 4096
+
+
+class LoadedModel:
+    """A model and its tokenizer, loaded on the engine thread."""
+
+    def __init__(self, path: Path) -> None:
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        try:
+            from mlx_lm import load
+            from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+            self.model, self.tokenizer = load(str(path))
+            config = json.loads(config_file.read_text())
+            probe = make_prompt_cache(self.model)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the model at {path}: {exc}") from exc
+        layers = len(probe)
+        kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads", 0)
+        hidden = config.get("hidden_size", 0)
+        heads = config.get("num_attention_heads") or 1
+        head_dim = config.get("head_dim") or (hidden // heads if hidden else 0)
+        dtype_bytes = 2 if str(config.get("torch_dtype", "")).endswith("16") else 4
+        self.info = ModelInfo(
+            path=str(path),
+            name=path.name,
+            context_length=_context_length(config),
+            num_layers=layers,
+            vocab_size=int(config.get("vocab_size", 0)),
+            eos_token_ids=frozenset(int(t) for t in self.tokenizer.eos_token_ids),
+            kv_bytes_per_token=2 * layers * int(kv_heads) * int(head_dim) * dtype_bytes,
+            persistable_cache=all(type(c) is KVCache for c in probe),
+        )
+        self._has_template = bool(getattr(self.tokenizer, "has_chat_template", False))
+
+    # -- tokenizer: safe off the engine thread, but not concurrently (one caller at a time).
+
+    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` under the chat template, ready for the reply."""
+        if self._has_template:
+            ids = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=True
+            )
+            return [int(t) for t in ids]
+        # A base model without a template gets a plain transcript.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(tokens), skip_special_tokens=False)
+        return text
+
+
+class TextStream:
+    """Incremental detokenization that agrees with decoding the whole sequence at once.
+
+    It decodes a short window (the previous emitted tokens as a prefix) so that tokenizers
+    which drop or merge leading spaces still produce the right characters.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self._model = model
+        self._tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        prefix_text = self._model.decode(self._tokens[self._prefix : self._read])
+        new_text = self._model.decode(self._tokens[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._tokens)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self._model.decode(self._tokens[self._prefix : self._read])
+        new_text = self._model.decode(self._tokens[self._prefix :])
+        self._prefix = self._read = len(self._tokens)
+        return new_text[len(prefix_text) :]
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def make_sampler(sampling: Sampling, seed: int) -> Sampler:
+    """A per-turn sampler. Greedy turns share one function, so the batch samples them at once."""
+    if sampling.temperature == 0.0:
+        return _greedy
+    from mlx_lm.sample_utils import apply_top_p
+
+    key = mx.random.key(seed)
+    inverse_temperature = 1.0 / sampling.temperature
+    top_p = sampling.top_p
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        # A key of its own per turn: the same seed gives the same tokens, batched or not.
+        key, subkey = mx.random.split(key)
+        if top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * inverse_temperature, key=subkey)
+
+    return sample
+
+
+@attrs.frozen
+class StepOutput:
+    """One generated token of one sequence; a finished one carries its cache back."""
+
+    uid: int
+    token: int
+    finish_reason: str | None
+    cache: KVLayers | None
+    all_tokens: list[int] | None
+
+
+class Batch:
+    """mlx-lm's continuous batching generator behind a small typed surface."""
+
+    def __init__(self, model: LoadedModel, max_batch_size: int, prefill_step_size: int) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        self._model = model
+        self._generator = BatchGenerator(
+            model.model,
+            stop_tokens=[[t] for t in sorted(model.info.eos_token_ids)],
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=min(8, max_batch_size),
+            prefill_step_size=prefill_step_size,
+        )
+
+    def insert(
+        self,
+        prompt: list[int],
+        history: list[int],
+        cache: KVLayers | None,
+        sampler: Sampler,
+        max_tokens: int,
+    ) -> int:
+        """Queue a sequence; ``cache`` must cover exactly ``history``. Returns its uid."""
+        uids = self._generator.insert(
+            [prompt],
+            max_tokens=[max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[history],
+            samplers=[sampler],
+        )
+        return int(uids[0])
+
+    def step(self) -> list[StepOutput]:
+        _, generated = self._generator.next()
+        return [
+            StepOutput(
+                uid=int(r.uid),
+                token=int(r.token),
+                finish_reason=r.finish_reason,
+                cache=r.prompt_cache,
+                all_tokens=list(r.all_tokens) if r.all_tokens is not None else None,
+            )
+            for r in generated
+        ]
+
+    def remove(self, uid: int) -> tuple[KVLayers, list[int]] | None:
+        """Take a sequence out mid-flight; returns its cache and the tokens it covers."""
+        caches = self._generator.remove([uid], return_prompt_caches=True)
+        if uid not in caches:
+            return None
+        cache, tokens = caches[uid]
+        return cache, list(tokens)
+
+    @property
+    def decode_batch_size(self) -> int:
+        return len(self._generator._generation_batch)
+
+    @property
+    def prefill_seconds(self) -> float:
+        return float(self._generator._counters.prompt_time)
+
+    @property
+    def decode_seconds(self) -> float:
+        return float(self._generator._counters.decode_time)
+
+    def close(self) -> None:
+        self._generator.close()
+
+
+def cache_tokens(cache: KVLayers) -> int:
+    """How many tokens a cache covers."""
+    return int(cache[0].offset) if cache else 0
+
+
+def trim_cache(cache: KVLayers, keep: int) -> None:
+    """Cut a cache back to its first ``keep`` tokens, in place."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    excess = cache_tokens(cache) - keep
+    if excess > 0:
+        trim_prompt_cache(cache, excess)
+
+
+def cache_arrays(cache: KVLayers) -> dict[str, mx.array]:
+    """The filled part of each layer's keys and values, by name (no growth slack)."""
+    arrays: dict[str, mx.array] = {}
+    for i, layer in enumerate(cache):
+        arrays[f"{i}.keys"] = layer.keys[..., : layer.offset, :]
+        arrays[f"{i}.values"] = layer.values[..., : layer.offset, :]
+    return arrays
+
+
+def cache_from_arrays(arrays: dict[str, mx.array], num_layers: int) -> KVLayers:
+    """Rebuild KVCache layers from ``cache_arrays`` output."""
+    from mlx_lm.models.cache import KVCache
+
+    layers: KVLayers = []
+    for i in range(num_layers):
+        layer = KVCache()
+        layer.keys, layer.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+        layer.offset = int(layer.keys.shape[2])
+        layers.append(layer)
+    return layers
+
+
+def release_thread_resources() -> None:
+    """What a thread that ran BatchGenerator must do before it ends (see DESIGN.md)."""
+    mx.synchronize()
+    mx.clear_streams()

@@ -1,0 +1,86 @@
+"""The scheduler actor: admits turns into the engine's running batch and routes its tokens.
+
+Agents ask it to start a turn; it hands the sequence to the engine thread, which batches
+every turn in flight through one model, and it routes each step's tokens back to the
+turn's own channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from typing import Any
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._actor import Actor, Request
+from .._errors import RuntimeClosedError
+from .._records import Sampling
+from ._engine import Engine, Event, FinishEvent, SequenceSpec
+from ._mlx import KVLayers
+
+
+@attrs.frozen
+class StartTurn(Request["TurnChannel"]):
+    prompt: list[int]
+    history: list[int]
+    cache: KVLayers | None = attrs.field(repr=False)
+    sampling: Sampling
+    seed: int
+
+
+@attrs.define(eq=False)
+class TurnChannel:
+    """A turn in the engine: its events arrive on ``events``; ``cancel()`` takes it out."""
+
+    key: int
+    events: MemoryObjectReceiveStream[Event]
+    _scheduler: Scheduler
+
+    def cancel(self) -> None:
+        self._scheduler.engine.cancel(self.key)
+
+
+class Scheduler(Actor):
+    """Owns the engine; one per runtime."""
+
+    def __init__(self, engine: Engine, mailbox_size: int) -> None:
+        super().__init__("scheduler", mailbox_size)
+        self.engine = engine
+        self._keys = itertools.count(1)
+        self._routes: dict[int, MemoryObjectSendStream[Event]] = {}
+        engine.deliver = self._deliver
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._routes)
+
+    async def handle(self, message: Request[Any]) -> Any:
+        assert isinstance(message, StartTurn)
+        if not self.engine.alive:
+            raise RuntimeClosedError("the engine thread is not running")
+        key = next(self._keys)
+        # Unbounded: a turn's events are bounded by its max_tokens, and the engine must
+        # never wait on a slow reader.
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        self._routes[key] = send
+        self.engine.insert(
+            SequenceSpec(key, message.prompt, message.history, message.cache,
+                         message.sampling, message.seed)
+        )
+        return TurnChannel(key, receive, self)
+
+    def _deliver(self, events: list[Event]) -> None:
+        # Runs on the event loop, called from the engine thread once per batch step.
+        for event in events:
+            route = self._routes.get(event.key)
+            if route is None:
+                continue
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                route.send_nowait(event)
+            if isinstance(event, FinishEvent):
+                del self._routes[event.key]
+                route.close()

@@ -1,0 +1,62 @@
+"""troupe: an async actor runtime for LLM agents on MLX.
+
+Each agent is a long-lived actor holding its own KV cache, so a turn prefills only what
+is new; one scheduler batches every agent's decoding onto one MLX model; a store keeps
+agents, transcripts and caches across runs. Works under trio and asyncio (anyio).
+"""
+
+# Before anything imports MLX: bind MLX to OpenBLAS when the machine has it.
+from ._blas import BlasStatus, BlasWarning, load_blas
+
+BLAS: BlasStatus = load_blas()
+
+from ._embedded import make_model  # noqa: E402
+from ._errors import (  # noqa: E402
+    AgentExistsError,
+    AgentFailedError,
+    AgentNotFoundError,
+    ContextLengthError,
+    EngineError,
+    ModelLoadError,
+    RuntimeClosedError,
+    StoreError,
+    TroupeError,
+)
+from ._records import (  # noqa: E402
+    AgentStatistics,
+    Message,
+    Reply,
+    RuntimeStatistics,
+    Sampling,
+)
+from ._runtime import Runtime, open_runtime  # noqa: E402
+from .actors import Agent, ModelInfo, ReplyStream  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLAS",
+    "Agent",
+    "AgentExistsError",
+    "AgentFailedError",
+    "AgentNotFoundError",
+    "AgentStatistics",
+    "BlasStatus",
+    "BlasWarning",
+    "ContextLengthError",
+    "EngineError",
+    "Message",
+    "ModelInfo",
+    "ModelLoadError",
+    "Reply",
+    "ReplyStream",
+    "Runtime",
+    "RuntimeClosedError",
+    "RuntimeStatistics",
+    "Sampling",
+    "StoreError",
+    "TroupeError",
+    "__version__",
+    "make_model",
+    "open_runtime",
+]

@@ -1,0 +1,54 @@
+"""troupe's exceptions: a small set, each meaning one thing.
+
+Bad arguments (an empty message, a negative temperature) raise ValueError or TypeError;
+everything else troupe raises derives from TroupeError.
+"""
+
+from __future__ import annotations
+
+
+class TroupeError(Exception):
+    """Base class of every error troupe raises on its own account."""
+
+
+class RuntimeClosedError(TroupeError):
+    """The runtime is closed (or closing): it takes no new work."""
+
+
+class AgentNotFoundError(TroupeError, LookupError):
+    """No agent has this id."""
+
+
+class AgentExistsError(TroupeError):
+    """An agent with this id exists already (in memory or in the store)."""
+
+
+class ContextLengthError(TroupeError, ValueError):
+    """A turn would not fit the model's context window.
+
+    Carries ``needed`` (prompt tokens plus max_tokens) and ``limit``.
+    """
+
+    def __init__(self, message: str, *, needed: int, limit: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.limit = limit
+
+
+class AgentFailedError(TroupeError):
+    """The agent's actor stopped on an unexpected error; its cause is ``__cause__``.
+
+    The rest of the runtime keeps serving; this agent takes no more turns.
+    """
+
+
+class ModelLoadError(TroupeError):
+    """The model could not be loaded (missing directory, unreadable files, bad config)."""
+
+
+class StoreError(TroupeError):
+    """The store could not be opened, read or written."""
+
+
+class EngineError(TroupeError):
+    """The MLX engine thread failed; turns in flight end with this error."""

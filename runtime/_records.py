@@ -1,0 +1,136 @@
+"""Messages, replies and statistics: frozen attrs records."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import attrs
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@attrs.frozen
+class Message:
+    """One entry of an agent's transcript."""
+
+    role: Role
+    content: str
+
+
+def _check_max_tokens(_: object, __: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_tokens must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {value}")
+
+
+def _check_temperature(_: object, __: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"temperature must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {value}")
+
+
+def _check_top_p(_: object, __: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"top_p must be a number, got {type(value).__name__}")
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {value}")
+
+
+def _check_seed(_: object, __: attrs.Attribute[int | None], value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed must be an int or None, got {type(value).__name__}")
+    if not (0 <= value < 2**63):
+        raise ValueError(f"seed must be in [0, 2**63), got {value}")
+
+
+def _to_stops(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"stop must be a string or a sequence of strings, got {value!r}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"stop strings must be str, got {type(item).__name__}")
+        if not item:
+            raise ValueError("stop strings must not be empty")
+    return tuple(value)
+
+
+@attrs.frozen
+class Sampling:
+    """How one turn samples: validated on construction (ValueError/TypeError)."""
+
+    max_tokens: int = attrs.field(default=256, validator=_check_max_tokens)
+    temperature: float = attrs.field(default=0.0, validator=_check_temperature)
+    top_p: float = attrs.field(default=1.0, validator=_check_top_p)
+    seed: int | None = attrs.field(default=None, validator=_check_seed)
+    stop: tuple[str, ...] = attrs.field(default=(), converter=_to_stops)
+
+
+@attrs.frozen
+class Reply:
+    """What one turn produced.
+
+    ``tokens`` are the generated token ids (the stop string, if one ended the turn, is cut
+    from ``text``). ``prompt_tokens`` were prefilled this turn; ``cached_tokens`` were reused
+    from the agent's KV cache.
+    """
+
+    agent_id: str
+    text: str
+    tokens: tuple[int, ...]
+    prompt_tokens: int
+    cached_tokens: int
+    finish_reason: FinishReason
+
+
+@attrs.frozen
+class AgentStatistics:
+    """A snapshot of one agent."""
+
+    agent_id: str
+    turns: int
+    messages: int
+    cached_tokens: int
+    tokens_generated: int
+    tokens_prefilled: int
+    tokens_reused: int
+
+
+@attrs.frozen
+class RuntimeStatistics:
+    """A snapshot of the whole runtime."""
+
+    agents: int
+    turns_completed: int
+    turns_failed: int
+    turns_cancelled: int
+    tokens_generated: int
+    tokens_prefilled: int
+    tokens_reused: int
+    peak_batch_size: int
+    engine_steps: int
+    decode_seconds: float
+    prefill_seconds: float
+    caches_saved: int
+    caches_loaded: int
+
+
+@attrs.define
+class TurnCounters:
+    """The runtime's running totals (mutable; ``statistics()`` snapshots them)."""
+
+    turns_completed: int = 0
+    turns_failed: int = 0
+    turns_cancelled: int = 0
+    tokens_generated: int = 0
+    tokens_prefilled: int = 0
+    tokens_reused: int = 0

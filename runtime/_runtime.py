@@ -1,0 +1,243 @@
+"""The runtime: opens the model, the store and the actors, and closes them in order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from ._actor import Actor
+from ._embedded import SHAPES, embedded_model_path
+from ._errors import AgentExistsError, AgentNotFoundError, ModelLoadError, RuntimeClosedError
+from ._records import RuntimeStatistics, TurnCounters
+from .actors._agent import Agent, AgentActor, AgentState, Services
+from .actors._engine import Engine
+from .actors._mlx import ModelInfo
+from .actors._scheduler import Scheduler
+from .actors._storage import AddAgent, Storage
+
+logger = logging.getLogger("troupe")
+
+MAX_ID_LENGTH = 200
+
+
+def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
+    """Where the model comes from; the returned function runs on the engine thread."""
+    spec = os.fspath(model)
+    if spec == "embedded" or spec.startswith("embedded:"):
+        size = spec.partition(":")[2] or "small"
+        if size not in SHAPES:
+            raise ValueError(f"unknown embedded size {size!r}; use one of {sorted(SHAPES)}")
+        return lambda: embedded_model_path(size)  # type: ignore[arg-type]
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {spec!r} is not a local directory; troupe never downloads weights: "
+            "fetch the model first (e.g. `huggingface-cli download mlx-community/...`) "
+            "and pass its path, or use model='embedded'"
+        )
+    return lambda: path
+
+
+def _store_root(store: str | os.PathLike[str] | None) -> Path | None:
+    return Path(store).expanduser() if store is not None else None
+
+
+def _check_id(agent_id: object) -> str:
+    if not isinstance(agent_id, str):
+        raise TypeError(f"agent id must be a str, got {type(agent_id).__name__}")
+    printable = re.fullmatch(r"[^\x00-\x1f]+", agent_id) is not None
+    if not agent_id or len(agent_id) > MAX_ID_LENGTH or not printable:
+        raise ValueError(
+            f"agent id must be 1-{MAX_ID_LENGTH} printable characters, got {agent_id!r}"
+        )
+    return agent_id
+
+
+class Runtime:
+    """A running troupe: one model, one scheduler, one store, many agents.
+
+    Made by ``open_runtime``; usable until its ``async with`` block ends.
+    """
+
+    def __init__(
+        self,
+        task_group: anyio.abc.TaskGroup,
+        engine: Engine,
+        scheduler: Scheduler,
+        storage: Storage,
+        services: Services,
+        mailbox_size: int,
+    ) -> None:
+        self._task_group = task_group
+        self._engine = engine
+        self._scheduler = scheduler
+        self._storage = storage
+        self._services = services
+        self._mailbox_size = mailbox_size
+        self._agents: dict[str, AgentActor] = {}
+        self._closed = False
+
+    @property
+    def model(self) -> ModelInfo:
+        """The loaded model: its path, context length, KV bytes per token..."""
+        return self._services.info
+
+    @property
+    def store(self) -> Path | None:
+        """The store directory, or None for an in-memory runtime."""
+        return self._storage.root
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeClosedError("the runtime is closed")
+
+    def _start(self, agent_id: str, state: AgentState) -> AgentActor:
+        actor = AgentActor(agent_id, state, self._services, self._mailbox_size)
+        self._agents[agent_id] = actor
+        self._task_group.start_soon(actor.run, name=f"troupe agent {agent_id}")
+        return actor
+
+    async def spawn(self, agent_id: str, *, system: str = "") -> Agent:
+        """Start a new agent. AgentExistsError if the id is taken (here or in the store)."""
+        self._check_open()
+        _check_id(agent_id)
+        if not isinstance(system, str):
+            raise TypeError(f"system must be a str, got {type(system).__name__}")
+        if agent_id in self._agents:
+            raise AgentExistsError(f"agent {agent_id!r} exists already")
+        # Reserve the id before the first await, so a racing spawn sees it taken.
+        actor = AgentActor(agent_id, AgentState(system), self._services, self._mailbox_size)
+        self._agents[agent_id] = actor
+        try:
+            await self._storage.call(AddAgent(agent_id, system))
+        except BaseException:
+            del self._agents[agent_id]
+            raise
+        self._task_group.start_soon(actor.run, name=f"troupe agent {agent_id}")
+        return Agent(actor)
+
+    async def get(self, agent_id: str) -> Agent:
+        """The agent with this id (AgentNotFoundError if none)."""
+        self._check_open()
+        _check_id(agent_id)
+        try:
+            return Agent(self._agents[agent_id])
+        except KeyError:
+            raise AgentNotFoundError(f"no agent {agent_id!r}") from None
+
+    def agent_ids(self) -> tuple[str, ...]:
+        """Ids of every agent, in the order they were spawned."""
+        return tuple(self._agents)
+
+    def statistics(self) -> RuntimeStatistics:
+        """An immutable snapshot of the runtime's counters."""
+        c = self._services.counters
+        e = self._engine.counters
+        return RuntimeStatistics(
+            agents=len(self._agents),
+            turns_completed=c.turns_completed,
+            turns_failed=c.turns_failed,
+            turns_cancelled=c.turns_cancelled,
+            tokens_generated=c.tokens_generated,
+            tokens_prefilled=c.tokens_prefilled,
+            tokens_reused=c.tokens_reused,
+            peak_batch_size=e.peak_batch_size,
+            engine_steps=e.steps,
+            decode_seconds=e.decode_seconds,
+            prefill_seconds=e.prefill_seconds,
+            caches_saved=self._storage.caches_saved,
+            caches_loaded=self._storage.caches_loaded,
+        )
+
+    async def _shutdown(self) -> None:
+        """Cancel turns in flight, stop the actors, then join the threads (in that order)."""
+        self._closed = True
+        actors: list[Actor] = [*self._agents.values()]
+        for actor in actors:
+            actor.stop()
+        for actor in actors:
+            await actor.finished.wait()
+        for actor in (self._scheduler, self._storage):
+            actor.stop()
+            await actor.finished.wait()
+        await self._engine.stop()
+        await self._storage.aclose()
+
+
+@asynccontextmanager
+async def open_runtime(
+    model: str | os.PathLike[str] = "embedded",
+    store: str | os.PathLike[str] | None = None,
+    *,
+    max_batch_size: int = 32,
+    prefill_step_size: int = 512,
+    mailbox_size: int = 16,
+) -> AsyncIterator[Runtime]:
+    """Open a runtime for the duration of an ``async with`` block (trio or asyncio).
+
+    ``model``: ``"embedded"`` (the small embedded model, made on first use),
+    ``"embedded:tiny"``, or a local MLX model directory. ``store``: a directory for the
+    SQLite catalog and KV files (agents come back when it is reopened), or None to keep
+    everything in memory. Leaving the block cancels turns still in flight, persists
+    what was committed and joins every thread the runtime started.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
+    if mailbox_size < 1:
+        raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size}")
+    source = _model_source(model)
+    root = _store_root(store)
+    engine = Engine(source, max_batch_size=max_batch_size, prefill_step_size=prefill_step_size)
+    single: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as task_group:
+            try:
+                info = await engine.start()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await engine.stop()
+                raise
+            storage = Storage(root, engine, info, mailbox_size)
+            try:
+                records = await storage.open()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await engine.stop()
+                    await storage.aclose()
+                raise
+            scheduler = Scheduler(engine, mailbox_size)
+            services = Services(
+                model=engine.model, info=info, scheduler=scheduler, storage=storage,
+                counters=TurnCounters(), tokenizer_limiter=anyio.CapacityLimiter(1),
+            )
+            runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size)
+            task_group.start_soon(scheduler.run, name="troupe scheduler")
+            task_group.start_soon(storage.run, name="troupe storage")
+            for record in records:
+                runtime._start(record.agent_id, AgentState.from_record(record))
+            try:
+                yield runtime
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await runtime._shutdown()
+    except BaseExceptionGroup as group:
+        # The runtime's own tasks never raise, so a group holds the body's one exception:
+        # hand it back as it was raised.
+        if len(group.exceptions) != 1:
+            raise
+        single = group.exceptions[0]
+    if single is not None:
+        raise single

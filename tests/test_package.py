@@ -1,0 +1,127 @@
+"""The package's shape: public names, one namespace, the embedded model, the CLI, examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import trio
+import troupe
+import troupe.actors
+import troupe.storage
+from conftest import PYTHON
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(troupe.__all__) == sorted([
+        "BLAS", "Agent", "AgentExistsError", "AgentFailedError", "AgentNotFoundError",
+        "AgentStatistics", "BlasStatus", "BlasWarning", "ContextLengthError", "EngineError",
+        "Message", "ModelInfo", "ModelLoadError", "Reply", "ReplyStream", "Runtime",
+        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "TroupeError",
+        "__version__", "make_model", "open_runtime",
+    ])
+    assert sorted(troupe.actors.__all__) == ["Agent", "ModelInfo", "ReplyStream"]
+    assert sorted(troupe.storage.__all__) == ["AgentRecord", "KV_FORMAT", "SCHEMA_VERSION"]
+    for name in troupe.__all__:
+        assert getattr(troupe, name) is not None
+    errors = [getattr(troupe, n) for n in troupe.__all__ if n.endswith("Error")]
+    assert all(issubclass(e, troupe.TroupeError) for e in errors if e is not troupe.TroupeError)
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path | None = None,
+         timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+async def test_only_the_troupe_namespace_is_installed(
+    tmp_path: Path, troupe_env: dict[str, str]
+) -> None:
+    probe = ("import importlib.util as u, troupe.actors, troupe.storage; "
+             "print([n for n in ('runtime', 'actors', 'storage') if u.find_spec(n)]); "
+             "print(troupe.BLAS.name)")
+    result = await trio.to_thread.run_sync(
+        lambda: _run([PYTHON, "-c", probe], troupe_env, cwd=tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "[]"
+
+
+async def test_make_model_writes_a_directory_mlx_lm_loads(
+    tmp_path: Path, troupe_env: dict[str, str]
+) -> None:
+    cli = [PYTHON, "-m", "troupe._cli", "make-model"]
+    for target in ("one", "two"):
+        made = await trio.to_thread.run_sync(
+            lambda t=target: _run([*cli, str(tmp_path / t), "--size", "tiny"], troupe_env))
+        assert made.returncode == 0, made.stderr
+    one, two = tmp_path / "one", tmp_path / "two"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()  # same seed, same bytes
+    config = json.loads((one / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    probe = (
+        "import troupe, mlx.utils; from mlx_lm import load; "
+        f"m, t = load({str(one)!r}); "
+        "print(sum(v.size for _, v in mlx.utils.tree_flatten(m.parameters()))); "
+        "ids = t.apply_chat_template([{'role': 'user', 'content': 'Hi é'}], "
+        "add_generation_prompt=True); print(repr(t.decode(ids)))"
+    )
+    loaded = await trio.to_thread.run_sync(lambda: _run([PYTHON, "-c", probe], troupe_env))
+    assert loaded.returncode == 0, loaded.stderr
+    params, rendered = loaded.stdout.splitlines()
+    assert 2_000_000 <= int(params) <= 3_000_000
+    assert rendered == repr("<s><|user|>\nHi é<|end|>\n<|assistant|>\n")
+
+
+async def test_a_local_model_directory_works_like_the_embedded_one(tiny_model: Path) -> None:
+    async with troupe.open_runtime(model="embedded:tiny") as rt:
+        by_name = await (await rt.spawn("a")).say("Hello", max_tokens=6)
+    async with troupe.open_runtime(model=tiny_model) as rt:
+        by_path = await (await rt.spawn("a")).say("Hello", max_tokens=6)
+        assert rt.model.path == str(tiny_model)
+    assert by_name == by_path
+
+
+async def test_demo_runs_and_continues_from_its_store(
+    tmp_path: Path, troupe_env: dict[str, str]
+) -> None:
+    args = [PYTHON, "-m", "troupe._cli", "demo", "--agents", "3", "--turns", "2",
+            "--model", "embedded:tiny", "--max-tokens", "8", "--store", str(tmp_path / "s")]
+    first = await trio.to_thread.run_sync(lambda: _run(args, troupe_env))
+    assert first.returncode == 0, first.stderr
+    assert "[  6/6]" in first.stdout
+    summary = first.stdout.split("summary", 1)[1]
+    assert "agents             3" in summary
+    assert "turns              6" in summary
+    assert "tokens generated   48" in summary
+    second = await trio.to_thread.run_sync(
+        lambda: _run([*args, "--backend", "asyncio"], troupe_env))
+    assert second.returncode == 0, second.stderr
+    assert "continuing the conversation from the store" in second.stdout
+    assert "restored 3" in second.stdout
+
+
+async def test_cli_reports_bad_input_without_a_traceback(troupe_env: dict[str, str]) -> None:
+    result = await trio.to_thread.run_sync(lambda: _run(
+        [PYTHON, "-m", "troupe._cli", "demo", "--model", "/nonexistent/model"], troupe_env))
+    assert result.returncode == 2
+    assert result.stderr.startswith("troupe: error:")
+    assert "Traceback" not in result.stderr
+
+
+async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
+    quick = await trio.to_thread.run_sync(lambda: _run(
+        [PYTHON, str(ROOT / "examples" / "quickstart.py"), "embedded:tiny"], troupe_env))
+    assert quick.returncode == 0, quick.stderr
+    assert "alice has 4 messages" in quick.stdout
+    app = [PYTHON, str(ROOT / "examples" / "asyncio_app.py"), "embedded:tiny",
+           str(tmp_path / "store")]
+    first = await trio.to_thread.run_sync(lambda: _run(app, troupe_env))
+    second = await trio.to_thread.run_sync(lambda: _run(app, troupe_env))
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert "continuing: 2 messages on record" in second.stdout
+    assert "narrator reused 0 cached tokens" not in second.stdout

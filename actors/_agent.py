@@ -22,7 +22,7 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._actor import Actor, Pending, Request
-from .._errors import ContextLengthError, EngineError
+from .._errors import ContextLengthError, EngineError, RuntimeClosedError
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
 from ..storage._catalog import AgentRecord
 from ._engine import FinishEvent
@@ -148,6 +148,9 @@ class AgentActor(Actor):
             services.counters.turns_failed += 1
             raise EngineError(f"agent {self.agent_id!r}: the turn failed: {finish.error}") \
                 from finish.error
+        if finish.finish_reason == "cancelled":
+            # The engine stopped under us: the runtime is closing.
+            raise RuntimeClosedError(f"agent {self.agent_id!r}: the runtime closed mid-turn")
         reply = Reply(
             agent_id=self.agent_id,
             text=text,
@@ -156,8 +159,12 @@ class AgentActor(Actor):
             cached_tokens=reuse,
             finish_reason="stop" if finish.finish_reason == "stop" else "length",
         )
-        with anyio.CancelScope(shield=True):
-            await self._commit([user, Message("assistant", reply.text)], turn=True)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._commit([user, Message("assistant", reply.text)], turn=True)
+        except BaseException:
+            services.counters.turns_failed += 1
+            raise
         counters = services.counters
         counters.turns_completed += 1
         counters.tokens_generated += len(reply.tokens)
@@ -213,22 +220,22 @@ class AgentActor(Actor):
             state.history, state.kv_file = [], None
 
     async def _commit(self, messages: list[Message], *, turn: bool) -> None:
+        """Persist, then remember: a turn the store refused is not in the transcript."""
         state = self.state
-        first_seq = len(state.transcript)
-        state.transcript.extend(messages)
-        if turn:
-            state.turns += 1
+        turns = state.turns + 1 if turn else state.turns
         state.kv_file = await self._services.storage.call(
             CommitTurn(
                 agent_id=self.agent_id,
-                first_seq=first_seq,
+                first_seq=len(state.transcript),
                 messages=[(m.role, m.content) for m in messages],
-                turns=state.turns,
+                turns=turns,
                 history=tuple(state.history),
                 cache=self._cache if turn else None,
                 previous_file=state.kv_file,
             )
         )
+        state.transcript.extend(messages)
+        state.turns = turns
 
     def statistics(self) -> AgentStatistics:
         return AgentStatistics(

@@ -131,6 +131,9 @@ class Engine:
         self.deliver: Callable[[list[Event]], None] = lambda events: None
         self.counters = EngineCounters()
         self.failure: BaseException | None = None
+        self._gate = threading.Lock()
+        self._closed = False
+        self._leftover: list[Any] = []
 
     # -- event loop side
 
@@ -152,10 +155,8 @@ class Engine:
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between batch steps and return its result."""
-        if not self._thread.is_alive():
-            raise RuntimeClosedError("the engine thread is not running")
         outcome: _Outcome[T] = _Outcome()
-        self._commands.put((fn, outcome))
+        self._put((fn, outcome))
         await outcome.done.wait()
         if outcome.error is not None:
             raise outcome.error
@@ -163,16 +164,26 @@ class Engine:
         return result
 
     def insert(self, spec: SequenceSpec) -> None:
-        self._commands.put(spec)
+        """Queue a turn; its events go to ``deliver``, ending with one FinishEvent."""
+        self._put(spec)
 
     def cancel(self, key: int) -> None:
-        self._commands.put(("cancel", key))
+        with contextlib.suppress(RuntimeClosedError):
+            self._put(("cancel", key))
 
     async def stop(self) -> None:
         """Cancel what is in flight, end the thread and join it."""
+        with contextlib.suppress(RuntimeClosedError):
+            self._put(_STOP)
         if self._thread.is_alive():
-            self._commands.put(_STOP)
             await anyio.to_thread.run_sync(self._thread.join, abandon_on_cancel=False)
+
+    def _put(self, command: Any) -> None:
+        # Under the gate, so nothing slips into the queue after the thread's final drain.
+        with self._gate:
+            if self._closed:
+                raise RuntimeClosedError("the engine thread is not running")
+            self._commands.put(command)
 
     # -- engine thread side
 
@@ -187,37 +198,62 @@ class Engine:
         return self._model.info
 
     def _main(self) -> None:
+        error: EngineError | None = None
         try:
-            while True:
-                # Idle: sleep until a command comes. Busy: take what is queued and step.
-                commands = [] if self._sequences else [self._commands.get()]
-                while True:
-                    try:
-                        commands.append(self._commands.get_nowait())
-                    except queue.Empty:
-                        break
-                if any(c is _STOP for c in commands):
-                    # Calls queued with the stop still get an answer.
-                    for command in commands:
-                        if isinstance(command, tuple) and isinstance(command[1], _Outcome):
-                            self._call(*command)
-                    break
-                for command in commands:
-                    self._execute(command)
-                if self._sequences:
-                    self._step()
+            self._serve()
         except BaseException as exc:
             logger.exception("the MLX engine thread failed")
             self.failure = exc
             error = EngineError(f"the MLX engine failed: {exc!r}")
             error.__cause__ = exc
-            self._finish_all("error", error)
-        else:
-            self._finish_all("cancelled", None)
+        try:
+            with self._gate:
+                self._closed = True
+            # Every command still queued gets its answer, so no awaiter is left hanging.
+            for command in self._leftover:
+                self._refuse(command, error)
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                self._refuse(command, error)
+            self._finish_all(error)
         finally:
             if self._batch is not None:
                 self._batch.close()
             release_thread_resources()
+
+    def _serve(self) -> None:
+        while True:
+            # Idle: sleep until a command comes. Busy: take what is queued, then step.
+            commands = [] if self._sequences else [self._commands.get()]
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            for i, command in enumerate(commands):
+                if command is _STOP:
+                    self._leftover = commands[i + 1 :]
+                    return
+                self._execute(command)
+            if self._sequences:
+                self._step()
+
+    def _refuse(self, command: Any, error: EngineError | None) -> None:
+        if isinstance(command, SequenceSpec):
+            cache = None if error is not None else command.cache
+            if cache is not None:
+                trim_cache(cache, len(command.history))
+            event = FinishEvent(command.key, "cancelled", "", (), cache,
+                                tuple(command.history) if cache is not None else (), error)
+            self._to_loop(self.deliver, [event])
+        elif isinstance(command, tuple) and isinstance(command[1], _Outcome):
+            if error is None:
+                self._call(*command)
+            else:
+                self._to_loop(command[1].set, None, error)
 
     def _execute(self, command: Any) -> None:
         if isinstance(command, SequenceSpec):
@@ -337,15 +373,14 @@ class Engine:
         sequence.held = emit[len(emit) - hold :] if hold else ""
         return TokenEvent(sequence.spec.key, (output.token,), emit[: len(emit) - hold])
 
-    def _finish_all(self, reason: str, error: BaseException | None) -> None:
+    def _finish_all(self, error: EngineError | None) -> None:
+        """Take every sequence out of the batch: cancelled on a stop, failed on an error."""
         events: list[Event] = []
         for sequence in list(self._sequences.values()):
             removed = None
             if self._batch is not None and error is None:
-                try:
-                    removed = self._batch.remove(sequence.uid)
-                except Exception:
-                    removed = None
+                removed = self._batch.remove(sequence.uid)
+            reason = "cancelled" if error is None else "error"
             events.append(self._close(sequence, reason, removed, "", error))
         if events:
             self._to_loop(self.deliver, events)

@@ -34,7 +34,10 @@ class AddAgent(Request[None]):
 
 @attrs.frozen
 class CommitTurn(Request[str | None]):
-    """Persist a turn; returns the cache file now on record (None if none)."""
+    """Persist new messages, and a new cache covering ``history`` unless ``cache`` is None.
+
+    Returns the cache file now on record (None if none).
+    """
 
     agent_id: str
     first_seq: int
@@ -104,6 +107,13 @@ class Storage(Actor):
             await self._sqlite.aclose()
 
     async def handle(self, message: Request[Any]) -> Any:
+        try:
+            return await self._dispatch(message)
+        except OSError as exc:
+            # A full disk or a vanished directory fails this request, not the store.
+            raise StoreError(f"store {self.root}: {exc}") from exc
+
+    async def _dispatch(self, message: Request[Any]) -> Any:
         if isinstance(message, CommitTurn):
             return await self._commit(message)
         if isinstance(message, RestoreCache):
@@ -129,17 +139,17 @@ class Storage(Actor):
         if self._catalog is None or self.root is None:
             return None
         assert self._sqlite is not None
-        # No new cache: the one on record (if any) still covers ``history``.
-        kv_file, history, cache = message.previous_file, message.history, message.cache
+        # No new cache: the file on record (if any) and the history it covers stand.
+        kv_file = message.previous_file
+        history: tuple[int, ...] | None = None
+        cache = message.cache
         if cache is not None:
-            kv_file = None
-            if history and self._info.persistable_cache:
-                kv_file = self._file_name(message.agent_id, message.turns)
+            kv_file, history = None, ()
+            if message.history and self._info.persistable_cache:
+                kv_file, history = self._file_name(message.agent_id, message.turns), message.history
                 path, tokens = self.root / "kv" / kv_file, len(history)
                 await self._engine.run(lambda: save_cache(path, cache, tokens, cache_arrays))
                 self.caches_saved += 1
-            else:
-                history = ()
         await self._sqlite.run(
             self._catalog.commit_turn, message.agent_id, message.first_seq,
             message.messages, message.turns, history, kv_file,

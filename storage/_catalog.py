@@ -123,20 +123,26 @@ class Catalog:
         first_seq: int,
         new_messages: list[tuple[str, str]],
         turns: int,
-        history: tuple[int, ...],
+        history: tuple[int, ...] | None,
         kv_file: str | None,
     ) -> None:
-        """Append messages and set the agent's history and cache file, in one transaction."""
+        """Append messages and set the agent's history and cache file, in one transaction.
+
+        ``history`` None leaves the cache on record as it is.
+        """
         db = self._db
         try:
             await db.executemany(
                 "INSERT INTO messages (agent_id, seq, role, content) VALUES (?, ?, ?, ?)",
                 [(agent_id, first_seq + i, r, c) for i, (r, c) in enumerate(new_messages)],
             )
-            await db.execute(
-                "UPDATE agents SET turns = ?, history = ?, kv_file = ? WHERE id = ?",
-                (turns, pack_tokens(history), kv_file, agent_id),
-            )
+            if history is None:
+                await db.execute("UPDATE agents SET turns = ? WHERE id = ?", (turns, agent_id))
+            else:
+                await db.execute(
+                    "UPDATE agents SET turns = ?, history = ?, kv_file = ? WHERE id = ?",
+                    (turns, pack_tokens(history), kv_file, agent_id),
+                )
             await db.commit()
         except sqlite3.Error as exc:
             await db.rollback()

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 
 from .._actor import Actor, Request
@@ -82,9 +83,11 @@ class Storage(Actor):
         self._sqlite = AsyncioThread("troupe-sqlite")
         info = self._info
         model_key = f"{info.name}:{info.num_layers}:{info.vocab_size}:{info.kv_bytes_per_token}"
-        catalog, fits = await self._sqlite.run(
-            Catalog.open, self.root / "catalog.sqlite", model_key
-        )
+        # Shielded: a connection abandoned half-open would keep its (non-daemon) thread.
+        with anyio.CancelScope(shield=True):
+            catalog, fits = await self._sqlite.run(
+                Catalog.open, self.root / "catalog.sqlite", model_key
+            )
         self._catalog = catalog
         if not fits:
             logger.warning("store %s was made with another model: its caches are dropped, "

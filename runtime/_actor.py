@@ -84,6 +84,7 @@ class Actor(ABC):
         self._current: Pending[Any] | None = None
         self._stopping = False
         self.failure: BaseException | None = None
+        self._started = False
         self.finished = anyio.Event()
 
     @abstractmethod
@@ -126,9 +127,12 @@ class Actor(ABC):
         self._mailbox_send.close()
         if self._current is not None and self._current._scope is not None:
             self._current._scope.cancel()
+        if not self._started:
+            self.finished.set()
 
     async def run(self) -> None:
         """The actor's loop: one message at a time until stopped or failed."""
+        self._started = True
         try:
             await self._serve()
         finally:

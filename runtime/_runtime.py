@@ -121,6 +121,7 @@ class Runtime:
         self._agents[agent_id] = actor
         try:
             await self._storage.call(AddAgent(agent_id, system))
+            self._check_open()
         except BaseException:
             del self._agents[agent_id]
             raise

@@ -38,12 +38,16 @@ def save_cache(path: Path, cache: list[Any], tokens: int, to_arrays: ToArrays) -
     metadata = {"format": FORMAT, "layers": str(len(cache)), "tokens": str(tokens)}
     # Ends in .safetensors: mx.save_safetensors would append the suffix otherwise.
     staging_file = path.with_name(path.stem + ".partial.safetensors")
-    mx.save_safetensors(str(staging_file), arrays, metadata=metadata)
-    with open(staging_file, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(staging_file, path)
-    _fsync_dir(path.parent)
-    return path.stat().st_size
+    try:
+        mx.save_safetensors(str(staging_file), arrays, metadata=metadata)
+        with open(staging_file, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(staging_file, path)
+        _fsync_dir(path.parent)
+        return path.stat().st_size
+    except (OSError, RuntimeError) as exc:  # MLX reports I/O failures as RuntimeError
+        staging_file.unlink(missing_ok=True)
+        raise StoreError(f"cannot write the KV file {path}: {exc}") from exc
 
 
 def load_cache(path: Path, num_layers: int, tokens: int, from_arrays: FromArrays) -> list[Any]:

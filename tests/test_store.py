@@ -6,6 +6,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import pytest
 import trio
 import troupe
 from conftest import PYTHON, TINY
@@ -135,3 +136,49 @@ async def test_in_memory_runtime_writes_nothing(tmp_path: Path) -> None:
         assert rt.store is None
         await (await rt.spawn("a")).say("Hello", max_tokens=3)
         assert rt.statistics().caches_saved == 0
+
+
+async def test_told_messages_persist_and_keep_the_cache_valid(store: Path) -> None:
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        alice = await rt.spawn("alice", system=SYSTEM)
+        first = await alice.say("Hello", max_tokens=6)
+        await alice.tell("Bob says: the bridge is out.")
+        await alice.say("Noted?", max_tokens=2)  # queued behind the tell: it has landed
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        alice = await rt.get("alice")
+        assert [m.content for m in alice.transcript()][:3] == [
+            "Hello", first.text, "Bob says: the bridge is out."]
+        reply = await alice.say("What did Bob say?", max_tokens=4)
+    assert reply.cached_tokens > first.prompt_tokens
+    assert rt.statistics().caches_loaded == 1
+
+
+async def test_a_vanished_cache_directory_fails_the_turn_not_the_runtime(store: Path) -> None:
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        alice = await rt.spawn("alice", system=SYSTEM)
+        bob = await rt.spawn("bob")
+        await alice.say("Hello", max_tokens=4)
+        for path in (store / "kv").iterdir():
+            path.unlink()
+        (store / "kv").rmdir()
+        with pytest.raises(troupe.StoreError):
+            await alice.say("Still there?", max_tokens=4)
+        assert len(alice.transcript()) == 2  # the refused turn is not remembered
+        (store / "kv").mkdir()
+        await bob.say("Hi", max_tokens=4)
+        await alice.say("Still there?", max_tokens=4)
+        assert rt.statistics().turns_failed == 1
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        assert len((await rt.get("alice")).transcript()) == 4
+        assert len((await rt.get("bob")).transcript()) == 2
+
+
+async def test_a_store_opened_with_another_model_keeps_transcripts_only(store: Path) -> None:
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        await (await rt.spawn("alice", system=SYSTEM)).say("Hello", max_tokens=4)
+    async with troupe.open_runtime(model="embedded:small", store=store) as rt:
+        alice = await rt.get("alice")
+        assert len(alice.transcript()) == 2
+        reply = await alice.say("Again", max_tokens=4)
+    assert reply.cached_tokens == 0
+    assert rt.statistics().caches_loaded == 0

@@ -125,3 +125,15 @@ async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
     assert second.returncode == 0, second.stderr
     assert "continuing: 2 messages on record" in second.stdout
     assert "narrator reused 0 cached tokens" not in second.stdout
+
+
+async def test_openblas_is_used_when_the_machine_has_it(troupe_env: dict[str, str]) -> None:
+    probe = "import troupe; print(troupe.BLAS.name)"
+    if Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0").exists():
+        assert troupe.BLAS.name == "OpenBLAS"
+    env = dict(troupe_env, TROUPE_BLAS="/nonexistent/libopenblas.so.0")
+    result = await trio.to_thread.run_sync(lambda: _run([PYTHON, "-c", probe], env))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reference (bundled with mlx)"
+    assert result.stderr.count("BlasWarning") == 1
+    assert "apt-get install libopenblas0-pthread" in result.stderr

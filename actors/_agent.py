@@ -160,8 +160,7 @@ class AgentActor(Actor):
             finish_reason="stop" if finish.finish_reason == "stop" else "length",
         )
         try:
-            with anyio.CancelScope(shield=True):
-                await self._commit([user, Message("assistant", reply.text)], turn=True)
+            await self._commit([user, Message("assistant", reply.text)], turn=True)
         except BaseException:
             services.counters.turns_failed += 1
             raise
@@ -223,17 +222,18 @@ class AgentActor(Actor):
         """Persist, then remember: a turn the store refused is not in the transcript."""
         state = self.state
         turns = state.turns + 1 if turn else state.turns
-        state.kv_file = await self._services.storage.call(
-            CommitTurn(
-                agent_id=self.agent_id,
-                first_seq=len(state.transcript),
-                messages=[(m.role, m.content) for m in messages],
-                turns=turns,
-                history=tuple(state.history),
-                cache=self._cache if turn else None,
-                previous_file=state.kv_file,
-            )
+        commit = CommitTurn(
+            agent_id=self.agent_id,
+            first_seq=len(state.transcript),
+            messages=[(m.role, m.content) for m in messages],
+            turns=turns,
+            history=tuple(state.history),
+            cache=self._cache if turn else None,
+            previous_file=state.kv_file,
         )
+        # Shielded: memory and store must agree on whether these messages happened.
+        with anyio.CancelScope(shield=True):
+            state.kv_file = await self._services.storage.call(commit)
         state.transcript.extend(messages)
         state.turns = turns
 

@@ -182,6 +182,9 @@ class Engine:
         # Under the gate, so nothing slips into the queue after the thread's final drain.
         with self._gate:
             if self._closed:
+                if self.failure is not None:
+                    raise EngineError(f"the MLX engine failed: {self.failure!r}") \
+                        from self.failure
                 raise RuntimeClosedError("the engine thread is not running")
             self._commands.put(command)
 

@@ -17,7 +17,6 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._actor import Actor, Request
-from .._errors import RuntimeClosedError
 from .._records import Sampling
 from ._engine import Engine, Event, FinishEvent, SequenceSpec
 from ._mlx import KVLayers
@@ -60,17 +59,14 @@ class Scheduler(Actor):
 
     async def handle(self, message: Request[Any]) -> Any:
         assert isinstance(message, StartTurn)
-        if not self.engine.alive:
-            raise RuntimeClosedError("the engine thread is not running")
         key = next(self._keys)
         # Unbounded: a turn's events are bounded by its max_tokens, and the engine must
         # never wait on a slow reader.
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        spec = SequenceSpec(key, message.prompt, message.history, message.cache,
+                            message.sampling, message.seed)
+        self.engine.insert(spec)  # raises if the engine is gone: nothing to route then
         self._routes[key] = send
-        self.engine.insert(
-            SequenceSpec(key, message.prompt, message.history, message.cache,
-                         message.sampling, message.seed)
-        )
         return TurnChannel(key, receive, self)
 
     def _deliver(self, events: list[Event]) -> None:

@@ -111,7 +111,9 @@ class Storage(Actor):
 
     async def handle(self, message: Request[Any]) -> Any:
         try:
-            return await self._dispatch(message)
+            # Shielded: a write cut off half-way would leave a transaction open.
+            with anyio.CancelScope(shield=True):
+                return await self._dispatch(message)
         except OSError as exc:
             # A full disk or a vanished directory fails this request, not the store.
             raise StoreError(f"store {self.root}: {exc}") from exc

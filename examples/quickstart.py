@@ -7,6 +7,7 @@
 import sys
 
 import trio
+
 import troupe
 
 

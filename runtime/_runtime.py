@@ -102,11 +102,13 @@ class Runtime:
         if self._closed:
             raise RuntimeClosedError("the runtime is closed")
 
-    def _start(self, agent_id: str, state: AgentState) -> AgentActor:
+    def _register(self, agent_id: str, state: AgentState) -> AgentActor:
         actor = AgentActor(agent_id, state, self._services, self._mailbox_size)
         self._agents[agent_id] = actor
-        self._task_group.start_soon(actor.run, name=f"troupe agent {agent_id}")
         return actor
+
+    def _start(self, actor: AgentActor) -> None:
+        self._task_group.start_soon(actor.run, name=f"troupe {actor.name}")
 
     async def spawn(self, agent_id: str, *, system: str = "") -> Agent:
         """Start a new agent. AgentExistsError if the id is taken (here or in the store)."""
@@ -117,15 +119,14 @@ class Runtime:
         if agent_id in self._agents:
             raise AgentExistsError(f"agent {agent_id!r} exists already")
         # Reserve the id before the first await, so a racing spawn sees it taken.
-        actor = AgentActor(agent_id, AgentState(system), self._services, self._mailbox_size)
-        self._agents[agent_id] = actor
+        actor = self._register(agent_id, AgentState(system))
         try:
             await self._storage.call(AddAgent(agent_id, system))
             self._check_open()
         except BaseException:
             del self._agents[agent_id]
             raise
-        self._task_group.start_soon(actor.run, name=f"troupe agent {agent_id}")
+        self._start(actor)
         return Agent(actor)
 
     async def get(self, agent_id: str) -> Agent:
@@ -228,7 +229,7 @@ async def open_runtime(
             task_group.start_soon(scheduler.run, name="troupe scheduler")
             task_group.start_soon(storage.run, name="troupe storage")
             for record in records:
-                runtime._start(record.agent_id, AgentState.from_record(record))
+                runtime._start(runtime._register(record.agent_id, AgentState.from_record(record)))
             try:
                 yield runtime
             finally:

@@ -54,7 +54,7 @@ class Recorder(Actor):
             self.handled.append("waited")
             return "done"
         if isinstance(message, Refuse):
-            raise ValueError("refused")
+            raise ValueError("refused")  # noqa: TRY004 (a refusal, not a type error)
         raise RuntimeError("a bug")
 
 

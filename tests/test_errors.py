@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+
 import troupe
 from conftest import TINY
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 import troupe
 from conftest import TINY
 

@@ -7,12 +7,14 @@ import subprocess
 from pathlib import Path
 
 import trio
+
 import troupe
 import troupe.actors
 import troupe.storage
 from conftest import PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
+HAS_OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0").exists()
 
 
 def test_public_names_are_pinned() -> None:
@@ -129,7 +131,7 @@ async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
 
 async def test_openblas_is_used_when_the_machine_has_it(troupe_env: dict[str, str]) -> None:
     probe = "import troupe; print(troupe.BLAS.name)"
-    if Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0").exists():
+    if HAS_OPENBLAS:
         assert troupe.BLAS.name == "OpenBLAS"
     env = dict(troupe_env, TROUPE_BLAS="/nonexistent/libopenblas.so.0")
     result = await trio.to_thread.run_sync(lambda: _run([PYTHON, "-c", probe], env))

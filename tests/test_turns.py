@@ -8,6 +8,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+
 import troupe
 from conftest import TINY
 

@@ -8,10 +8,11 @@ A cache file that is missing or damaged costs a re-prefill, never a transcript.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 import attrs
@@ -56,6 +57,17 @@ class RestoreCache(Request[KVLayers | None]):
     tokens: int
 
 
+def _lock_store(root: Path) -> IO[bytes]:
+    """Hold an exclusive lock on the store: two runtimes on one store would corrupt it."""
+    handle = open(root / "lock", "ab")  # noqa: SIM115 (held open until aclose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise StoreError(f"store {root} is in use by another runtime") from exc
+    return handle
+
+
 class Storage(Actor):
     """One per runtime. ``open`` it before use and ``aclose`` it after the engine stops."""
 
@@ -66,6 +78,7 @@ class Storage(Actor):
         self._info = info
         self._sqlite: AsyncioThread | None = None
         self._catalog: Catalog | None = None
+        self._lock: IO[bytes] | None = None
         self.caches_saved = 0
         self.caches_loaded = 0
 
@@ -80,6 +93,7 @@ class Storage(Actor):
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store {self.root} exists and is not a directory")
         (self.root / "kv").mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_store(self.root)
         self._sqlite = AsyncioThread("troupe-sqlite")
         info = self._info
         model_key = f"{info.name}:{info.num_layers}:{info.vocab_size}:{info.kv_bytes_per_token}"
@@ -108,6 +122,8 @@ class Storage(Actor):
             if self._catalog is not None:
                 await self._sqlite.run(self._catalog.close)
             await self._sqlite.aclose()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
 
     async def handle(self, message: Request[Any]) -> Any:
         try:

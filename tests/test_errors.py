@@ -71,6 +71,9 @@ async def test_each_bad_input_gets_its_error_while_other_agents_keep_working() -
             assert too_long.value.needed > too_long.value.limit
             with pytest.raises(troupe.ContextLengthError):
                 await bystander.say("hi", max_tokens=rt.model.context_length)
+            with pytest.raises(troupe.ContextLengthError):
+                async for _ in bystander.stream("x" * 3000):
+                    pass
             # After all that, the bystander answers as it would have anyway.
             again = await (await rt.spawn("bystander-2")).say("Baseline.", max_tokens=6)
             assert again.tokens == expected.tokens

@@ -183,3 +183,14 @@ async def test_a_store_opened_with_another_model_keeps_transcripts_only(store: P
         reply = await alice.say("Again", max_tokens=4)
     assert reply.cached_tokens == 0
     assert rt.statistics().caches_loaded == 0
+
+
+async def test_a_store_takes_one_runtime_at_a_time(store: Path) -> None:
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        await rt.spawn("alice")
+        with pytest.raises(troupe.StoreError, match="in use"):
+            async with troupe.open_runtime(model=TINY, store=store):
+                pass
+        await (await rt.get("alice")).say("still mine", max_tokens=2)
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        assert len((await rt.get("alice")).transcript()) == 2

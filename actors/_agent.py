@@ -112,9 +112,17 @@ class AgentActor(Actor):
         raise TypeError(f"an agent cannot handle {message!r}")
 
     def _messages(self, extra: Message) -> list[dict[str, str]]:
+        """The conversation for the chat template, with ``extra`` last.
+
+        Consecutive messages of one role (a ``tell`` before a ``say``) are joined: many
+        templates insist that user and assistant alternate.
+        """
         messages = [{"role": "system", "content": self.state.system}] if self.state.system else []
-        messages += [{"role": m.role, "content": m.content} for m in self.state.transcript]
-        messages.append({"role": extra.role, "content": extra.content})
+        for m in [*self.state.transcript, extra]:
+            if messages and messages[-1]["role"] == m.role:
+                messages[-1]["content"] += "\n\n" + m.content
+            else:
+                messages.append({"role": m.role, "content": m.content})
         return messages
 
     async def _turn(self, turn: Turn) -> Reply:
@@ -155,8 +163,8 @@ class AgentActor(Actor):
             agent_id=self.agent_id,
             text=text,
             tokens=finish.tokens,
-            prompt_tokens=len(prompt) - reuse,
-            cached_tokens=reuse,
+            prompt_tokens=len(prompt) - finish.reused,
+            cached_tokens=finish.reused,
             finish_reason="stop" if finish.finish_reason == "stop" else "length",
         )
         try:

@@ -53,7 +53,8 @@ class TokenEvent:
 class FinishEvent:
     """A turn left the batch: finished, stopped, cancelled or failed.
 
-    ``cache`` covers exactly ``all_tokens`` (None if it was lost to an error).
+    ``cache`` covers exactly ``all_tokens`` (None if it was lost to an error);
+    ``reused`` is how many history tokens the turn took from the cache it came with.
     """
 
     key: int
@@ -62,6 +63,7 @@ class FinishEvent:
     tokens: tuple[int, ...]
     cache: KVLayers | None
     all_tokens: tuple[int, ...]
+    reused: int = 0
     error: BaseException | None = None
 
 
@@ -84,6 +86,7 @@ class SequenceSpec:
 class _Sequence:
     spec: SequenceSpec
     uid: int
+    reused: int
     text: TextStream
     held: str = ""
     generated: list[int] = attrs.field(factory=list)
@@ -250,7 +253,7 @@ class Engine:
             if cache is not None:
                 trim_cache(cache, len(command.history))
             event = FinishEvent(command.key, "cancelled", "", (), cache,
-                                tuple(command.history) if cache is not None else (), error)
+                                tuple(command.history) if cache is not None else (), error=error)
             self._to_loop(self.deliver, [event])
         elif isinstance(command, tuple) and isinstance(command[1], _Outcome):
             if error is None:
@@ -277,31 +280,30 @@ class Engine:
     def _insert(self, spec: SequenceSpec) -> None:
         assert self._batch is not None
         assert self._model is not None
+        cache, history, prompt = spec.cache, spec.history, spec.prompt
+        if cache is not None:
+            trim_cache(cache, len(history))
+            if cache_tokens(cache) != len(history):
+                # Some caches (rotating windows) cannot be cut back: start afresh.
+                logger.info("a cache could not be trimmed; prefilling the whole prompt")
+                cache = None
+        if cache is None:
+            history, prompt = [], history + prompt
         try:
-            cache = spec.cache
-            if cache is not None:
-                trim_cache(cache, len(spec.history))
-                if cache_tokens(cache) != len(spec.history):
-                    raise EngineError("the cache does not cover the turn's history")
-            elif spec.history:
-                raise EngineError("a turn with history needs its cache")
             uid = self._batch.insert(
-                spec.prompt,
-                spec.history,
-                cache,
-                make_sampler(spec.sampling, spec.seed),
-                spec.sampling.max_tokens,
+                prompt, history, cache,
+                make_sampler(spec.sampling, spec.seed), spec.sampling.max_tokens,
             )
         except Exception as exc:
             self._to_loop(self.deliver, [self._failed(spec, exc)])
             return
-        sequence = _Sequence(spec, uid, TextStream(self._model))
+        sequence = _Sequence(spec, uid, len(history), TextStream(self._model))
         self._sequences[spec.key] = sequence
         self._by_uid[uid] = sequence
 
     @staticmethod
     def _failed(spec: SequenceSpec, exc: BaseException) -> FinishEvent:
-        return FinishEvent(spec.key, "error", "", (), None, (), exc)
+        return FinishEvent(spec.key, "error", "", (), None, (), error=exc)
 
     def _cancel(self, key: int) -> None:
         sequence = self._sequences.get(key)
@@ -329,7 +331,7 @@ class Engine:
             cache, tokens = None, []
         return FinishEvent(
             sequence.spec.key, reason, text, tuple(sequence.generated),
-            cache, tuple(tokens), error,
+            cache, tuple(tokens), sequence.reused, error,
         )
 
     def _step(self) -> None:

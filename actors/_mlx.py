@@ -88,11 +88,18 @@ class LoadedModel:
     # -- tokenizer: safe off the engine thread, but not concurrently (one caller at a time).
 
     def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` under the chat template, ready for the reply."""
+        """Token ids of ``messages`` under the chat template, ready for the reply.
+
+        ValueError if the model's template refuses the conversation.
+        """
         if self._has_template:
-            ids = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=True
-            )
+            try:
+                ids = self.tokenizer.apply_chat_template(
+                    list(messages), add_generation_prompt=True, tokenize=True
+                )
+            except Exception as exc:
+                raise ValueError(f"the model's chat template refused the conversation: {exc}") \
+                    from exc
             return [int(t) for t in ids]
         # A base model without a template gets a plain transcript.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "

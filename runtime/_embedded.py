@@ -7,6 +7,7 @@ template of a real model, so every code path of the runtime runs on it for real.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,8 @@ from typing import Literal
 
 import attrs
 import numpy as np
+
+logger = logging.getLogger("troupe")
 
 EmbeddedSize = Literal["tiny", "small"]
 
@@ -200,6 +203,7 @@ def embedded_model_path(size: EmbeddedSize = "small") -> Path:
     if (final / "config.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("making the embedded %s model in %s (once)", size, final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         make_model(staging, size)

@@ -137,10 +137,16 @@ async def test_one_agents_turns_run_in_the_order_they_came() -> None:
 async def test_tell_adds_a_message_read_at_the_next_turn() -> None:
     async with troupe.open_runtime(model=TINY) as rt:
         a = await rt.spawn("a", system=SYSTEMS[0])
+        first = await a.say("Hello", max_tokens=4)
         await a.tell("Bob says: the bridge is out.")
         reply = await a.say("What did Bob say?", max_tokens=4)
         assert [m.content for m in a.transcript()] == [
-            "Bob says: the bridge is out.", "What did Bob say?", reply.text]
+            "Hello", first.text, "Bob says: the bridge is out.", "What did Bob say?", reply.text]
+    # The template sees one user message (roles must alternate for many models), and
+    # everything before it still comes from the cache.
+    joined = "Bob says: the bridge is out.\n\nWhat did Bob say?"
+    assert reply.prompt_tokens == len(joined) + 8
+    assert reply.cached_tokens == first.prompt_tokens + len(first.tokens)
 
 
 async def test_statistics_are_immutable_snapshots() -> None:

@@ -146,10 +146,6 @@ class Engine:
         assert self._model is not None, "the engine has not loaded its model"
         return self._model
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     async def start(self) -> ModelInfo:
         """Start the thread and load the model on it."""
         self._token = anyio.lowlevel.current_token()

@@ -82,10 +82,6 @@ class Storage(Actor):
         self.caches_saved = 0
         self.caches_loaded = 0
 
-    @property
-    def persistent(self) -> bool:
-        return self.root is not None
-
     async def open(self) -> list[AgentRecord]:
         """Open the store (if any) and return the agents it holds."""
         if self.root is None:

@@ -110,6 +110,7 @@ class RuntimeStatistics:
     """A snapshot of the whole runtime."""
 
     agents: int
+    turns_in_flight: int
     turns_completed: int
     turns_failed: int
     turns_cancelled: int

@@ -148,6 +148,7 @@ class Runtime:
         e = self._engine.counters
         return RuntimeStatistics(
             agents=len(self._agents),
+            turns_in_flight=self._scheduler.in_flight,
             turns_completed=c.turns_completed,
             turns_failed=c.turns_failed,
             turns_cancelled=c.turns_cancelled,

@@ -50,6 +50,7 @@ async def test_each_bad_input_gets_its_error_while_other_agents_keep_working() -
         async with trio.open_nursery() as nursery:
             nursery.start_soon(long_turn)
             await first_delta.wait()  # the long turn is in the batch from here on
+            assert rt.statistics().turns_in_flight == 1
 
             with pytest.raises(troupe.AgentNotFoundError):
                 await rt.get("nobody")

@@ -160,6 +160,7 @@ async def test_statistics_are_immutable_snapshots() -> None:
     assert after.turns_completed == 1
     assert after.tokens_generated == 5 == agent_stats.tokens_generated
     assert after.tokens_prefilled == reply.prompt_tokens
+    assert after.turns_in_flight == 0
     assert after.agents == 1
     assert after.engine_steps >= 5
     with pytest.raises(attrs.exceptions.FrozenInstanceError):

@@ -94,8 +94,9 @@ async def run_demo(
                 replies[i] = reply
                 done += 1
                 listener = people[(i + 1) % agents][0]
+                label = f"round {turn_base + round_no + 1}"
                 print(
-                    f"[{done:>3}/{total_turns}] round {round_no + 1} {people[i][0]:>8} -> "
+                    f"[{done:>3}/{total_turns}] {label} {people[i][0]:>8} -> "
                     f"{listener:<8} {len(reply.tokens):>3} tok, prefill {reply.prompt_tokens:>4}"
                     f", reused {reply.cached_tokens:>5} | {_clip(reply.text, 40)}",
                     file=out, flush=True,

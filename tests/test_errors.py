@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +136,16 @@ async def test_errors_raised_in_the_block_come_out_as_they_were() -> None:
         async with troupe.open_runtime(model=TINY) as rt:
             await rt.spawn("a")
             raise KeyError("mine")
+
+
+async def test_a_damaged_model_directory_is_a_model_load_error(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    with pytest.raises(troupe.ModelLoadError, match="could not load"):
+        async with troupe.open_runtime(model=damaged):
+            pass
+    assert not [t for t in threading.enumerate() if t.name == "troupe-mlx"]

@@ -165,3 +165,18 @@ async def test_statistics_are_immutable_snapshots() -> None:
     assert after.engine_steps >= 5
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         after.turns_completed = 9  # type: ignore[misc]
+
+
+async def test_max_batch_size_caps_the_batch_and_the_rest_wait_their_turn() -> None:
+    async with troupe.open_runtime(model=TINY, max_batch_size=2) as rt:
+        agents = [await rt.spawn(f"a{i}", system=SYSTEMS[i]) for i in range(4)]
+        replies: dict[int, troupe.Reply] = {}
+
+        async def one(i: int) -> None:
+            replies[i] = await agents[i].say("Hello", max_tokens=16)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(one, i)
+        assert rt.statistics().peak_batch_size == 2
+    assert all(len(r.tokens) == 16 for r in replies.values())

@@ -58,15 +58,20 @@ class Scheduler(Actor):
         return len(self._routes)
 
     async def handle(self, message: Request[Any]) -> Any:
-        assert isinstance(message, StartTurn)
+        if not isinstance(message, StartTurn):
+            raise TypeError(f"the scheduler cannot handle {message!r}")
         key = next(self._keys)
         # Unbounded: a turn's events are bounded by its max_tokens, and the engine must
         # never wait on a slow reader.
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
         spec = SequenceSpec(key, message.prompt, message.history, message.cache,
                             message.sampling, message.seed)
-        self.engine.insert(spec)  # raises if the engine is gone: nothing to route then
         self._routes[key] = send
+        try:
+            self.engine.insert(spec)
+        except BaseException:
+            del self._routes[key]  # the engine is gone: nothing will come
+            raise
         return TurnChannel(key, receive, self)
 
     def _deliver(self, events: list[Event]) -> None:

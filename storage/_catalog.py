@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -161,4 +162,9 @@ class Catalog:
         return {r[0] for r in rows}
 
     async def close(self) -> None:
+        # aiosqlite stops its worker thread on close but does not join it; we promise
+        # that a closed runtime has no threads left, so join it here (it is ending).
+        worker = getattr(self._db, "_thread", None)
         await self._db.close()
+        if isinstance(worker, threading.Thread):
+            worker.join()

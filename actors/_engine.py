@@ -247,7 +247,10 @@ class Engine:
         if isinstance(command, SequenceSpec):
             cache = None if error is not None else command.cache
             if cache is not None:
-                trim_cache(cache, len(command.history))
+                try:
+                    trim_cache(cache, len(command.history))
+                except Exception:
+                    cache = None  # the turn still gets its answer; the cache is lost
             event = FinishEvent(command.key, "cancelled", "", (), cache,
                                 tuple(command.history) if cache is not None else (), error=error)
             self._to_loop(self.deliver, [event])
@@ -380,7 +383,8 @@ class Engine:
         for sequence in list(self._sequences.values()):
             removed = None
             if self._batch is not None and error is None:
-                removed = self._batch.remove(sequence.uid)
+                with contextlib.suppress(Exception):  # then the cache is lost, not the answer
+                    removed = self._batch.remove(sequence.uid)
             reason = "cancelled" if error is None else "error"
             events.append(self._close(sequence, reason, removed, "", error))
         if events:

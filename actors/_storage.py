@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import anyio
+import anyio.to_thread
 import attrs
 
 from .._actor import Actor, Request
@@ -68,6 +69,17 @@ def _lock_store(root: Path) -> IO[bytes]:
     return handle
 
 
+def _remove_orphans(directory: Path, referenced: set[str]) -> None:
+    # Files of turns whose commit never happened (a crash between write and commit).
+    for path in directory.iterdir():
+        if path.name not in referenced:
+            path.unlink(missing_ok=True)
+
+
+async def _unlink(path: Path) -> None:
+    await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+
+
 class Storage(Actor):
     """One per runtime. ``open`` it before use and ``aclose`` it after the engine stops."""
 
@@ -103,15 +115,9 @@ class Storage(Actor):
             logger.warning("store %s was made with another model: its caches are dropped, "
                            "transcripts kept", self.root)
         records = await self._sqlite.run(catalog.load_agents)
-        self._remove_orphans(await self._sqlite.run(catalog.kv_files))
+        referenced = await self._sqlite.run(catalog.kv_files)
+        await anyio.to_thread.run_sync(_remove_orphans, self.root / "kv", referenced)
         return records
-
-    def _remove_orphans(self, referenced: set[str]) -> None:
-        # Files from turns whose commit never happened (a crash between write and commit).
-        assert self.root is not None
-        for path in (self.root / "kv").iterdir():
-            if path.name not in referenced:
-                path.unlink(missing_ok=True)
 
     async def aclose(self) -> None:
         if self._sqlite is not None:
@@ -172,7 +178,7 @@ class Storage(Actor):
             message.messages, message.turns, history, kv_file,
         )
         if message.previous_file and message.previous_file != kv_file:
-            (self.root / "kv" / message.previous_file).unlink(missing_ok=True)
+            await _unlink(self.root / "kv" / message.previous_file)
         return kv_file
 
     async def _restore(self, message: RestoreCache) -> KVLayers | None:
@@ -190,7 +196,7 @@ class Storage(Actor):
             logger.warning("agent %r: %s; its context will be prefilled again",
                            message.agent_id, exc)
             await self._sqlite.run(self._catalog.drop_cache, message.agent_id)
-            path.unlink(missing_ok=True)
+            await _unlink(path)
             return None
         self.caches_loaded += 1
         return cache

@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--temperature", type=float, default=0.8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", choices=["trio", "asyncio"], default="trio")
+    demo.add_argument("--json", default=None, metavar="FILE",
+                      help="also write the final statistics to FILE as JSON")
 
     make = commands.add_parser("make-model", help="write the embedded model to a directory")
     make.add_argument("directory")
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda: run_demo(
                     agents=args.agents, turns=args.turns, model=args.model, store=args.store,
                     max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                    json_path=args.json,
                 ),
                 backend=args.backend,
             )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import TextIO
 
 import anyio
+import cattrs
 
 from . import BLAS
 from ._records import Reply
@@ -50,9 +52,13 @@ async def run_demo(
     max_tokens: int,
     temperature: float,
     seed: int,
+    json_path: str | None = None,
     out: TextIO = sys.stdout,
 ) -> None:
-    """Run the simulation and print progress and a summary to ``out``."""
+    """Run the simulation and print progress and a summary to ``out``.
+
+    With ``json_path``, the final statistics are also written there as JSON.
+    """
     if agents < 2:
         raise ValueError("the demo needs at least 2 agents")
     if turns < 1:
@@ -131,3 +137,7 @@ async def run_demo(
               file=out, flush=True)
     if store:
         print(f"  store: {store} (run again to continue)", file=out, flush=True)
+    if json_path:
+        report = {"statistics": cattrs.unstructure(stats), "wall_seconds": elapsed,
+                  "model": rt.model.name, "blas": BLAS.name}
+        await anyio.Path(json_path).write_text(json.dumps(report, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import attrs
+import cattrs
 import numpy as np
 
 logger = logging.getLogger("troupe")
@@ -177,7 +178,7 @@ def make_model(directory: str | os.PathLike[str], size: EmbeddedSize = "tiny") -
         "eos_token_id": 256 + SPECIAL_TOKENS.index(EOS),
         "torch_dtype": "float32",
         "troupe_embedded": {"size": size, "recipe": RECIPE_VERSION, "seed": SEED},
-        **attrs.asdict(shape),
+        **cattrs.unstructure(shape),
     }
     weights = _weights(shape, vocab_size, SEED)
     mx.save_safetensors(

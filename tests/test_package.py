@@ -92,8 +92,14 @@ async def test_demo_runs_and_continues_from_its_store(
 ) -> None:
     args = [PYTHON, "-m", "troupe._cli", "demo", "--agents", "3", "--turns", "2",
             "--model", "embedded:tiny", "--max-tokens", "8", "--store", str(tmp_path / "s")]
-    first = await trio.to_thread.run_sync(lambda: _run(args, troupe_env))
+    report = tmp_path / "report.json"
+    first = await trio.to_thread.run_sync(lambda: _run([*args, "--json", str(report)], troupe_env))
     assert first.returncode == 0, first.stderr
+    stats = json.loads(report.read_text())["statistics"]
+    assert stats["agents"] == 3
+    assert stats["turns_completed"] == 6
+    assert stats["tokens_generated"] == 48
+    assert stats["caches_saved"] == 6
     assert "[  6/6]" in first.stdout
     summary = first.stdout.split("summary", 1)[1]
     assert "agents             3" in summary

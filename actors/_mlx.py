@@ -155,7 +155,7 @@ def make_sampler(sampling: Sampling, seed: int) -> Sampler:
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
-        # A key of its own per turn: the same seed gives the same tokens, batched or not.
+        # A key of its own per turn: the turn's draws do not depend on its batch mates.
         key, subkey = mx.random.split(key)
         if top_p < 1.0:
             logprobs = apply_top_p(logprobs, top_p)

@@ -23,7 +23,7 @@ logger = logging.getLogger("troupe")
 EmbeddedSize = Literal["tiny", "small"]
 
 # Bumped whenever the recipe below changes, so cached copies are remade.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SEED = 20261121
 
 SPECIAL_TOKENS = ("<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<pad>")
@@ -112,6 +112,8 @@ def _weights(shape: EmbeddedShape, vocab_size: int, seed: int) -> dict[str, np.n
     Channel 0 of the residual stream holds a constant (set by the embedding, written by no
     layer), and the output head reads it with a large positive weight for speakable tokens
     and a large negative one for the rest: a fixed logit bias built from plain Llama weights.
+    Queries and keys are scaled up so attention is sharp: greedy replies then depend on the
+    context instead of settling into one repeated character.
     """
     rng = np.random.default_rng(seed)
     d = shape.hidden_size
@@ -124,12 +126,12 @@ def _weights(shape: EmbeddedShape, vocab_size: int, seed: int) -> dict[str, np.n
 
     w: dict[str, np.ndarray] = {}
     embed = normal(vocab_size, d, scale=1.0)
-    embed[:, 0] = 8.0
+    embed[:, 0] = 6.0
     w["model.embed_tokens.weight"] = embed
     for i in range(shape.num_hidden_layers):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = normal(d, d, scale=d**-0.5)
-        w[p + "self_attn.k_proj.weight"] = normal(kv, d, scale=d**-0.5)
+        w[p + "self_attn.q_proj.weight"] = normal(d, d, scale=3 * d**-0.5)
+        w[p + "self_attn.k_proj.weight"] = normal(kv, d, scale=3 * d**-0.5)
         w[p + "self_attn.v_proj.weight"] = normal(kv, d, scale=d**-0.5)
         o_proj = normal(d, d, scale=d**-0.5)
         o_proj[0, :] = 0.0
@@ -143,10 +145,10 @@ def _weights(shape: EmbeddedShape, vocab_size: int, seed: int) -> dict[str, np.n
         w[p + "post_attention_layernorm.weight"] = np.ones(d, dtype=np.float32)
     w["model.norm.weight"] = np.ones(d, dtype=np.float32)
     head = normal(vocab_size, d, scale=0.15)
-    bias = np.full(vocab_size, -4.0, dtype=np.float32)
-    bias[:256][_speakable_bytes()] = 4.0
+    bias = np.full(vocab_size, -6.0, dtype=np.float32)
+    bias[:256][_speakable_bytes()] = 6.0
     # The end-of-turn token sits a little below speech, so replies end now and then.
-    bias[256 + SPECIAL_TOKENS.index(EOS)] = 3.2
+    bias[256 + SPECIAL_TOKENS.index(EOS)] = 4.8
     head[:, 0] = bias
     w["lm_head.weight"] = head
     return w

@@ -12,7 +12,9 @@ from ._errors import TroupeError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="troupe", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="troupe", description="troupe: an async actor runtime for LLM agents on MLX."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a small multi-agent simulation")
@@ -22,9 +24,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="'embedded', 'embedded:tiny' or a local MLX model directory")
     demo.add_argument("--store", default=None, help="store directory (default: memory only)")
     demo.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default 64)")
-    demo.add_argument("--temperature", type=float, default=0.8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--backend", choices=["trio", "asyncio"], default="trio")
+    demo.add_argument("--temperature", type=float, default=0.8,
+                      help="sampling temperature (default 0.8; 0 = greedy)")
+    demo.add_argument("--seed", type=int, default=0, help="base seed of every turn (default 0)")
+    demo.add_argument("--backend", choices=["trio", "asyncio"], default="trio",
+                      help="the host event loop (default trio)")
     demo.add_argument("--json", default=None, metavar="FILE",
                       help="also write the final statistics to FILE as JSON")
 

@@ -6,7 +6,6 @@ import asyncio
 import threading
 from pathlib import Path
 
-import pytest
 import trio
 
 import troupe
@@ -121,9 +120,8 @@ async def test_trio_and_asyncio_hosts_give_the_same_tokens() -> None:
     assert on_trio == on_asyncio
 
 
-@pytest.mark.parametrize("size", ["tiny"])
-async def test_model_info_describes_the_loaded_model(size: str) -> None:
-    async with troupe.open_runtime(model=f"embedded:{size}") as rt:
+async def test_model_info_describes_the_loaded_model() -> None:
+    async with troupe.open_runtime(model=TINY) as rt:
         info = rt.model
     assert info.context_length == 2048
     assert info.num_layers == 4

@@ -107,7 +107,6 @@ class _Outcome(Generic[T]):
 class EngineCounters:
     steps: int = 0
     peak_batch_size: int = 0
-    tokens_generated: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
@@ -338,7 +337,6 @@ class Engine:
         outputs = self._batch.step()
         counters = self.counters
         counters.steps += 1
-        counters.tokens_generated += len(outputs)
         counters.peak_batch_size = max(counters.peak_batch_size, len(outputs))
         counters.prefill_seconds = self._batch.prefill_seconds
         counters.decode_seconds = self._batch.decode_seconds

@@ -230,10 +230,6 @@ class Batch:
         return cache, list(tokens)
 
     @property
-    def decode_batch_size(self) -> int:
-        return len(self._generator._generation_batch)
-
-    @property
     def prefill_seconds(self) -> float:
         return float(self._generator._counters.prompt_time)
 

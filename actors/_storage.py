@@ -58,8 +58,11 @@ class RestoreCache(Request[KVLayers | None]):
     tokens: int
 
 
-def _lock_store(root: Path) -> IO[bytes]:
-    """Hold an exclusive lock on the store: two runtimes on one store would corrupt it."""
+def _prepare_store(root: Path) -> IO[bytes]:
+    """Make the store's folders and take its lock: two runtimes on one store would corrupt it."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"store {root} exists and is not a directory")
+    (root / "kv").mkdir(parents=True, exist_ok=True)
     handle = open(root / "lock", "ab")  # noqa: SIM115 (held open until aclose)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -98,10 +101,7 @@ class Storage(Actor):
         """Open the store (if any) and return the agents it holds."""
         if self.root is None:
             return []
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store {self.root} exists and is not a directory")
-        (self.root / "kv").mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_store(self.root)
+        self._lock = await anyio.to_thread.run_sync(_prepare_store, self.root)
         self._sqlite = AsyncioThread("troupe-sqlite")
         info = self._info
         model_key = f"{info.name}:{info.num_layers}:{info.vocab_size}:{info.kv_bytes_per_token}"

@@ -43,10 +43,6 @@ class Pending(Generic[R]):
     _scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
     abandoned: bool = attrs.field(default=False, init=False)
 
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def _finish(self, value: Any = None, error: BaseException | None = None) -> None:
         if not self._done.is_set():
             self._value, self._error = value, error

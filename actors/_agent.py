@@ -17,18 +17,19 @@ from types import TracebackType
 from typing import Any, cast
 
 import anyio
-import anyio.to_thread
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._actor import Actor, Pending, Request
-from .._errors import ContextLengthError, EngineError, RuntimeClosedError
+from .._errors import ContextLengthError, EngineError, RuntimeClosedError, StoreError
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
+from .._validate import check_message
 from ..storage._catalog import AgentRecord
 from ._engine import FinishEvent
-from ._mlx import LoadedModel, ModelInfo
+from ._mlx import ModelInfo
+from ._renderer import Renderer
 from ._scheduler import Scheduler, StartTurn, TurnChannel
-from ._storage import CommitTurn, RestoreCache, Storage
+from ._storage import CommitTurn, KVRecord, RestoreCache, Storage
 
 logger = logging.getLogger("troupe")
 
@@ -53,16 +54,20 @@ class AgentState:
     transcript: list[Message] = attrs.field(factory=list)
     history: list[int] = attrs.field(factory=list)
     turns: int = 0
-    kv_file: str | None = None
+    kv: KVRecord | None = None
+    saved: int = 0
+    """How many messages of the transcript the store has (all, unless a tell failed)."""
 
     @classmethod
     def from_record(cls, record: AgentRecord) -> AgentState:
         return cls(
             system=record.system,
             transcript=[Message(cast(Role, role), text) for role, text in record.messages],
+            saved=len(record.messages),
             history=list(record.history),
             turns=record.turns,
-            kv_file=record.kv_file,
+            kv=KVRecord(record.kv_file, record.kv_checksum)
+            if record.kv_file and record.kv_checksum else None,
         )
 
 
@@ -70,12 +75,11 @@ class AgentState:
 class Services:
     """The runtime parts an agent talks to."""
 
-    model: LoadedModel
+    renderer: Renderer
     info: ModelInfo
     scheduler: Scheduler
     storage: Storage
     counters: TurnCounters
-    tokenizer_limiter: anyio.CapacityLimiter
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -95,6 +99,7 @@ class AgentActor(Actor):
         self.state = state
         self._services = services
         self._cache: Any = None  # KV layers that cover state.history, when in memory
+        self.renderer = services.renderer
         self.tokens_generated = 0
         self.tokens_prefilled = 0
         self.tokens_reused = 0
@@ -107,30 +112,24 @@ class AgentActor(Actor):
                 if message.deltas is not None:
                     message.deltas.close()
         if isinstance(message, Tell):
-            await self._commit([Message("user", message.text)], turn=False)
+            told = Message("user", message.text)
+            try:
+                await self._commit([told], turn=False)
+            except StoreError as exc:
+                # Nobody waits for a tell: keep it, and store it with the next commit.
+                self.state.transcript.append(told)
+                logger.warning("agent %r: a told message is kept in memory until the next "
+                               "commit: %s", self.agent_id, exc)
             return None
         raise TypeError(f"an agent cannot handle {message!r}")
 
     def _messages(self, extra: Message) -> list[dict[str, str]]:
-        """The conversation for the chat template, with ``extra`` last.
-
-        Consecutive messages of one role (a ``tell`` before a ``say``) are joined: many
-        templates insist that user and assistant alternate.
-        """
-        messages = [{"role": "system", "content": self.state.system}] if self.state.system else []
-        for m in [*self.state.transcript, extra]:
-            if messages and messages[-1]["role"] == m.role:
-                messages[-1]["content"] += "\n\n" + m.content
-            else:
-                messages.append({"role": m.role, "content": m.content})
-        return messages
+        return chat_messages(self.state.system, [*self.state.transcript, extra])
 
     async def _turn(self, turn: Turn) -> Reply:
         services = self._services
         user = Message("user", turn.text)
-        prompt = await anyio.to_thread.run_sync(
-            services.model.render, self._messages(user), limiter=services.tokenizer_limiter
-        )
+        prompt = await services.renderer.render(self._messages(user), len(turn.text))
         needed = len(prompt) + turn.sampling.max_tokens
         limit = services.info.context_length
         if needed > limit:
@@ -218,31 +217,35 @@ class AgentActor(Actor):
 
     async def _bring_back_cache(self) -> None:
         state = self.state
-        if self._cache is not None or state.kv_file is None or not state.history:
+        if self._cache is not None or state.kv is None or not state.history:
             return
         self._cache = await self._services.storage.call(
-            RestoreCache(self.agent_id, state.kv_file, len(state.history))
+            RestoreCache(self.agent_id, state.kv, len(state.history))
         )
         if self._cache is None:
-            state.history, state.kv_file = [], None
+            state.history, state.kv = [], None
 
     async def _commit(self, messages: list[Message], *, turn: bool) -> None:
-        """Persist, then remember: a turn the store refused is not in the transcript."""
+        """Persist, then remember: a turn the store refused is not in the transcript.
+
+        Told messages the store refused before go along with this commit.
+        """
         state = self.state
         turns = state.turns + 1 if turn else state.turns
         commit = CommitTurn(
             agent_id=self.agent_id,
-            first_seq=len(state.transcript),
-            messages=[(m.role, m.content) for m in messages],
+            first_seq=state.saved,
+            messages=[(m.role, m.content) for m in [*state.transcript[state.saved :], *messages]],
             turns=turns,
             history=tuple(state.history),
             cache=self._cache if turn else None,
-            previous_file=state.kv_file,
+            previous=state.kv,
         )
         # Shielded: memory and store must agree on whether these messages happened.
         with anyio.CancelScope(shield=True):
-            state.kv_file = await self._services.storage.call(commit)
+            state.kv = await self._services.storage.call(commit)
         state.transcript.extend(messages)
+        state.saved = len(state.transcript)
         state.turns = turns
 
     def statistics(self) -> AgentStatistics:
@@ -257,12 +260,19 @@ class AgentActor(Actor):
         )
 
 
-def _check_text(text: object) -> str:
-    if not isinstance(text, str):
-        raise TypeError(f"message must be a str, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("message must not be empty")
-    return text
+def chat_messages(system: str, transcript: Sequence[Message]) -> list[dict[str, str]]:
+    """The conversation for the chat template.
+
+    Consecutive messages of one role (a ``tell`` before a ``say``) are joined: many
+    templates insist that user and assistant alternate.
+    """
+    messages = [{"role": "system", "content": system}] if system else []
+    for m in transcript:
+        if messages and messages[-1]["role"] == m.role:
+            messages[-1]["content"] += "\n\n" + m.content
+        else:
+            messages.append({"role": m.role, "content": m.content})
+    return messages
 
 
 class Agent:
@@ -308,7 +318,7 @@ class Agent:
         this agent's actor stopped. Cancelling the call cancels the turn: the
         transcript is left as it was.
         """
-        turn = Turn(_check_text(text), Sampling(max_tokens, temperature, top_p, seed, stop))
+        turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop))
         pending = await self._actor.submit(turn)
         return await pending.result()
 
@@ -327,15 +337,28 @@ class Agent:
         ``async for delta in agent.stream(...)``; afterwards ``.reply`` holds the Reply.
         Use ``async with agent.stream(...) as s:`` to cancel the turn on early exit.
         """
-        sampling = Sampling(max_tokens, temperature, top_p, seed, stop)
-        return ReplyStream(self._actor, _check_text(text), sampling)
+        turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop))
+        return ReplyStream(self._actor, turn)
+
+    def _turn(self, text: object, sampling: Sampling) -> Turn:
+        message = check_message(text)
+        # Refuse what cannot possibly fit before anyone spends time tokenizing it.
+        self._actor.renderer.check_length(self.id, len(message), sampling.max_tokens)
+        return Turn(message, sampling)
 
     async def tell(self, text: str) -> None:
         """Add a user message to the transcript without asking for a reply.
 
         Fire-and-forget: it is queued behind the agent's turns and read at its next turn.
+        ContextLengthError if the message, with the system prompt, leaves no room for a
+        reply (a transcript that grows past the context fails later turns instead).
         """
-        await self._actor.send(Tell(_check_text(text)))
+        message = check_message(text)
+        system = self._actor.state.system
+        await self._actor.renderer.check_fits(
+            self.id, chat_messages(system, [Message("user", message)]), len(message)
+        )
+        await self._actor.send(Tell(message))
 
     def transcript(self) -> tuple[Message, ...]:
         """The conversation so far, oldest first (the system prompt not included)."""
@@ -349,10 +372,9 @@ class Agent:
 class ReplyStream:
     """The text of one turn as it is generated; ``reply`` is set once it ends."""
 
-    def __init__(self, actor: AgentActor, text: str, sampling: Sampling) -> None:
+    def __init__(self, actor: AgentActor, turn: Turn) -> None:
         self._actor = actor
-        self._text = text
-        self._sampling = sampling
+        self._turn = turn
         self._pending: Pending[Reply] | None = None
         self._deltas: MemoryObjectReceiveStream[str] | None = None
         self.reply: Reply | None = None
@@ -363,14 +385,14 @@ class ReplyStream:
     async def __anext__(self) -> str:
         if self._pending is None:
             send, self._deltas = anyio.create_memory_object_stream[str](math.inf)
-            self._pending = await self._actor.submit(Turn(self._text, self._sampling, send))
+            self._pending = await self._actor.submit(attrs.evolve(self._turn, deltas=send))
         assert self._deltas is not None
         try:
             return await self._deltas.receive()
         except anyio.EndOfStream:
             pass
         except BaseException:
-            self._pending.cancel()
+            await self._pending.settle()
             raise
         self.reply = await self._pending.result()
         raise StopAsyncIteration
@@ -387,8 +409,8 @@ class ReplyStream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel the turn if it is still running."""
-        if self._pending is not None and self.reply is None:
-            self._pending.cancel()
+        """Cancel the turn if it is still running, and wait until it is settled."""
         if self._deltas is not None:
             self._deltas.close()
+        if self._pending is not None and self.reply is None:
+            await self._pending.settle()

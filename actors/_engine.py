@@ -295,7 +295,7 @@ class Engine:
         except Exception as exc:
             self._to_loop(self.deliver, [self._failed(spec, exc)])
             return
-        sequence = _Sequence(spec, uid, len(history), TextStream(self._model))
+        sequence = _Sequence(spec, uid, len(history), TextStream(self._model.tokenizer))
         self._sequences[spec.key] = sequence
         self._by_uid[uid] = sequence
 

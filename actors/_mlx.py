@@ -7,6 +7,7 @@ arrays here must run on the engine thread (MLX streams are thread-local).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import attrs
 import mlx.core as mx
 
 from .._errors import ModelLoadError
-from .._records import Sampling
+from .._records import GREEDY_BELOW, Sampling
 
 # Per-layer mlx-lm cache objects. Opaque outside the engine thread.
 KVLayers = list[Any]
@@ -49,6 +50,47 @@ def _context_length(config: dict[str, Any]) -> int:
     return 4096
 
 
+class Tokenizer:
+    """mlx-lm's tokenizer behind a typed surface. Not for concurrent use: one caller at a
+    time per instance (``copy`` makes another)."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self._wrapped = wrapped
+        self._has_template = bool(getattr(wrapped, "has_chat_template", False))
+        try:
+            vocab: dict[str, int] = wrapped.get_vocab()
+            longest = max(len(piece) for piece in vocab)
+        except Exception:  # a tokenizer without a vocabulary to read: assume long pieces
+            longest = 64
+        self.max_token_chars = max(1, longest)
+        """The longest vocabulary piece, in characters: a token never spells more text."""
+
+    def copy(self) -> Tokenizer:
+        return Tokenizer(copy.deepcopy(self._wrapped))
+
+    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` under the chat template, ready for the reply.
+
+        ValueError if the model's template refuses the conversation.
+        """
+        if self._has_template:
+            try:
+                ids = self._wrapped.apply_chat_template(
+                    list(messages), add_generation_prompt=True, tokenize=True
+                )
+            except Exception as exc:
+                raise ValueError(f"the model's chat template refused the conversation: {exc}") \
+                    from exc
+            return [int(t) for t in ids]
+        # A base model without a template gets a plain transcript.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return [int(t) for t in self._wrapped.encode(text)]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        text: str = self._wrapped.decode(list(tokens), skip_special_tokens=False)
+        return text
+
+
 class LoadedModel:
     """A model and its tokenizer, loaded on the engine thread."""
 
@@ -60,13 +102,14 @@ class LoadedModel:
             from mlx_lm import load
             from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-            self.model, self.tokenizer = load(str(path))
+            self.model, wrapped = load(str(path))
             config = json.loads(config_file.read_text())
             probe = make_prompt_cache(self.model)
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(f"could not load the model at {path}: {exc}") from exc
+        self.tokenizer = Tokenizer(wrapped)
         layers = len(probe)
         kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads", 0)
         hidden = config.get("hidden_size", 0)
@@ -79,35 +122,10 @@ class LoadedModel:
             context_length=_context_length(config),
             num_layers=layers,
             vocab_size=int(config.get("vocab_size", 0)),
-            eos_token_ids=frozenset(int(t) for t in self.tokenizer.eos_token_ids),
+            eos_token_ids=frozenset(int(t) for t in wrapped.eos_token_ids),
             kv_bytes_per_token=2 * layers * int(kv_heads) * int(head_dim) * dtype_bytes,
             persistable_cache=all(type(c) is KVCache for c in probe),
         )
-        self._has_template = bool(getattr(self.tokenizer, "has_chat_template", False))
-
-    # -- tokenizer: safe off the engine thread, but not concurrently (one caller at a time).
-
-    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` under the chat template, ready for the reply.
-
-        ValueError if the model's template refuses the conversation.
-        """
-        if self._has_template:
-            try:
-                ids = self.tokenizer.apply_chat_template(
-                    list(messages), add_generation_prompt=True, tokenize=True
-                )
-            except Exception as exc:
-                raise ValueError(f"the model's chat template refused the conversation: {exc}") \
-                    from exc
-            return [int(t) for t in ids]
-        # A base model without a template gets a plain transcript.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return [int(t) for t in self.tokenizer.encode(text)]
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        text: str = self.tokenizer.decode(list(tokens), skip_special_tokens=False)
-        return text
 
 
 class TextStream:
@@ -117,8 +135,8 @@ class TextStream:
     which drop or merge leading spaces still produce the right characters.
     """
 
-    def __init__(self, model: LoadedModel) -> None:
-        self._model = model
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._model = tokenizer
         self._tokens: list[int] = []
         self._prefix = 0
         self._read = 0
@@ -145,7 +163,7 @@ def _greedy(logprobs: mx.array) -> mx.array:
 
 def make_sampler(sampling: Sampling, seed: int) -> Sampler:
     """A per-turn sampler. Greedy turns share one function, so the batch samples them at once."""
-    if sampling.temperature == 0.0:
+    if sampling.temperature < GREEDY_BELOW:
         return _greedy
     from mlx_lm.sample_utils import apply_top_p
 

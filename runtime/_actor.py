@@ -53,13 +53,25 @@ class Pending(Generic[R]):
         self.abandoned = True
         if self._scope is not None:
             self._scope.cancel()
+        else:
+            self._finish(error=RuntimeClosedError("the request was cancelled before it ran"))
+
+    async def settle(self) -> None:
+        """Cancel the request and wait until the actor is done with it.
+
+        Afterwards its effects are final: it either completed (a turn whose last token
+        came before the cancel is committed) or it left no trace.
+        """
+        self.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._done.wait()
 
     async def result(self) -> R:
-        """Wait for the outcome; if the wait is cancelled, the request is cancelled too."""
+        """Wait for the outcome; if the wait is cancelled, the request is settled first."""
         try:
             await self._done.wait()
         except BaseException:
-            self.cancel()
+            await self.settle()
             raise
         if self._error is not None:
             raise self._error
@@ -132,6 +144,11 @@ class Actor(ABC):
         try:
             await self._serve()
         finally:
+            # However the loop ended (even cancelled from outside), every request gets an
+            # answer: callers waiting to settle a cancelled request must not hang.
+            self._stopping = True
+            self._mailbox_send.close()
+            self._refuse_queued()
             self.finished.set()
 
     async def _serve(self) -> None:
@@ -145,13 +162,16 @@ class Actor(ABC):
                 await self._handle_one(pending)
                 if self.failure is not None:
                     break
-            # Whatever is still queued is refused, not dropped silently.
-            while True:
-                try:
-                    leftover = self._mailbox_receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-                leftover._finish(error=self._refusal())
+            self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        # Whatever is still queued is refused, not dropped silently.
+        while True:
+            try:
+                leftover = self._mailbox_receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            leftover._finish(error=self._refusal())
 
     async def _handle_one(self, pending: Pending[Any]) -> None:
         self._current = pending
@@ -175,4 +195,6 @@ class Actor(ABC):
             if scope.cancelled_caught:
                 pending._finish(error=self._refusal())
         finally:
+            # Cancelled from outside (the host tore the task group down): answer anyway.
+            pending._finish(error=self._refusal())
             self._current = None

@@ -7,6 +7,8 @@ from typing import Literal
 
 import attrs
 
+from ._validate import check_str
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -49,6 +51,15 @@ def _check_seed(_: object, __: attrs.Attribute[int | None], value: int | None) -
         raise ValueError(f"seed must be in [0, 2**63), got {value}")
 
 
+# The engine scans every stop string after every token of the turn, on the thread all
+# agents share: bound the work one turn can ask for.
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+# Below this, 1/temperature overflows float32 (~3e-39 gave uniform noise): such turns are
+# greedy, which is what a temperature this close to 0 means anyway.
+GREEDY_BELOW = 1e-6
+
+
 def _to_stops(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -56,17 +67,25 @@ def _to_stops(value: object) -> tuple[str, ...]:
         value = (value,)
     if not isinstance(value, list | tuple):
         raise TypeError(f"stop must be a string or a sequence of strings, got {value!r}")
+    if len(value) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
     for item in value:
-        if not isinstance(item, str):
-            raise TypeError(f"stop strings must be str, got {type(item).__name__}")
+        check_str(item, "a stop string")
         if not item:
             raise ValueError("stop strings must not be empty")
+        if len(item) > MAX_STOP_LENGTH:
+            raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters, "
+                             f"got one of {len(item)}")
     return tuple(value)
 
 
 @attrs.frozen
 class Sampling:
-    """How one turn samples: validated on construction (ValueError/TypeError)."""
+    """How one turn samples: validated on construction (ValueError/TypeError).
+
+    ``temperature`` 0 is greedy, and so is any temperature below ``GREEDY_BELOW`` (1e-6).
+    ``stop``: at most 16 strings of at most 256 characters.
+    """
 
     max_tokens: int = attrs.field(default=256, validator=_check_max_tokens)
     temperature: float = attrs.field(default=0.0, validator=_check_temperature)
@@ -123,6 +142,8 @@ class RuntimeStatistics:
     prefill_seconds: float
     caches_saved: int
     caches_loaded: int
+    caches_unsaved: int
+    """Turns kept although their KV cache could not be written (a reopen re-prefills)."""
 
 
 @attrs.define

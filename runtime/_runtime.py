@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,17 +14,16 @@ import anyio.abc
 from ._actor import Actor
 from ._embedded import SHAPES, embedded_model_path
 from ._errors import AgentExistsError, AgentNotFoundError, ModelLoadError, RuntimeClosedError
-from ._records import RuntimeStatistics, TurnCounters
-from .actors._agent import Agent, AgentActor, AgentState, Services
+from ._records import Message, RuntimeStatistics, TurnCounters
+from ._validate import check_id, check_str
+from .actors._agent import Agent, AgentActor, AgentState, Services, chat_messages
 from .actors._engine import Engine
 from .actors._mlx import ModelInfo
+from .actors._renderer import Renderer
 from .actors._scheduler import Scheduler
 from .actors._storage import AddAgent, Storage
 
 logger = logging.getLogger("troupe")
-
-MAX_ID_LENGTH = 200
-
 
 def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
     """Where the model comes from; the returned function runs on the engine thread."""
@@ -47,17 +45,6 @@ def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
 
 def _store_root(store: str | os.PathLike[str] | None) -> Path | None:
     return Path(store).expanduser() if store is not None else None
-
-
-def _check_id(agent_id: object) -> str:
-    if not isinstance(agent_id, str):
-        raise TypeError(f"agent id must be a str, got {type(agent_id).__name__}")
-    printable = re.fullmatch(r"[^\x00-\x1f]+", agent_id) is not None
-    if not agent_id or len(agent_id) > MAX_ID_LENGTH or not printable:
-        raise ValueError(
-            f"agent id must be 1-{MAX_ID_LENGTH} printable characters, got {agent_id!r}"
-        )
-    return agent_id
 
 
 class Runtime:
@@ -111,28 +98,44 @@ class Runtime:
         self._task_group.start_soon(actor.run, name=f"troupe {actor.name}")
 
     async def spawn(self, agent_id: str, *, system: str = "") -> Agent:
-        """Start a new agent. AgentExistsError if the id is taken (here or in the store)."""
+        """Start a new agent. AgentExistsError if the id is taken (here or in the store).
+
+        ContextLengthError if the system prompt leaves no room for a conversation. Once
+        the store has the new agent, the spawn has happened: a cancelled or closing
+        caller leaves it spawned (and a closed runtime's agent takes no turns).
+        """
         self._check_open()
-        _check_id(agent_id)
-        if not isinstance(system, str):
-            raise TypeError(f"system must be a str, got {type(system).__name__}")
+        check_id(agent_id)
+        check_str(system, "system")
         if agent_id in self._agents:
             raise AgentExistsError(f"agent {agent_id!r} exists already")
-        # Reserve the id before the first await, so a racing spawn sees it taken.
+        if system:
+            probe = [Message("user", "?")]
+            await self._services.renderer.check_fits(
+                agent_id, chat_messages(system, probe), len(system)
+            )
+            self._check_open()
+            if agent_id in self._agents:
+                raise AgentExistsError(f"agent {agent_id!r} exists already")
+        # Reserve the id before the next await, so a racing spawn sees it taken.
         actor = self._register(agent_id, AgentState(system))
         try:
-            await self._storage.call(AddAgent(agent_id, system))
-            self._check_open()
+            # Shielded: the store and the runtime must agree on whether the agent exists.
+            with anyio.CancelScope(shield=True):
+                await self._storage.call(AddAgent(agent_id, system))
         except BaseException:
             del self._agents[agent_id]
             raise
-        self._start(actor)
+        if self._closed:
+            actor.stop()  # never started: its handle answers RuntimeClosedError
+        else:
+            self._start(actor)
         return Agent(actor)
 
     async def get(self, agent_id: str) -> Agent:
         """The agent with this id (AgentNotFoundError if none)."""
         self._check_open()
-        _check_id(agent_id)
+        check_id(agent_id)
         try:
             return Agent(self._agents[agent_id])
         except KeyError:
@@ -161,6 +164,7 @@ class Runtime:
             prefill_seconds=e.prefill_seconds,
             caches_saved=self._storage.caches_saved,
             caches_loaded=self._storage.caches_loaded,
+            caches_unsaved=self._storage.caches_unsaved,
         )
 
     async def _shutdown(self) -> None:
@@ -223,8 +227,8 @@ async def open_runtime(
                 raise
             scheduler = Scheduler(engine, mailbox_size)
             services = Services(
-                model=engine.model, info=info, scheduler=scheduler, storage=storage,
-                counters=TurnCounters(), tokenizer_limiter=anyio.CapacityLimiter(1),
+                renderer=Renderer(engine.model.tokenizer, info.context_length), info=info,
+                scheduler=scheduler, storage=storage, counters=TurnCounters(),
             )
             runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size)
             task_group.start_soon(scheduler.run, name="troupe scheduler")

@@ -8,6 +8,8 @@ Call these on the engine thread: they make and evaluate MLX arrays.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, cast
 import mlx.core as mx
 
 from .._errors import StoreError
+from ._faults import store_error
 
 FORMAT = "troupe-kv/1"
 
@@ -32,13 +35,36 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def checksum(path: Path) -> str:
+    """The checksum the catalog keeps of a whole KV file (any thread; OSError if unreadable)."""
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, expected: str) -> None:
+    """StoreError unless the file at ``path`` is whole and is the one the catalog recorded."""
+    try:
+        actual = checksum(path)
+    except OSError as exc:
+        raise StoreError(f"unreadable KV file {path}: {exc}") from exc
+    if actual != expected:
+        raise StoreError(f"KV file {path} is damaged or not this agent's (checksum mismatch)")
+
+
 def save_cache(path: Path, cache: list[Any], tokens: int, to_arrays: ToArrays) -> int:
-    """Write ``cache`` (covering ``tokens`` tokens) to ``path``; returns the file's size."""
+    """Write ``cache`` (covering ``tokens`` tokens) to ``path``; returns the file's size.
+
+    Makes the folder if it vanished; StoreError if the write fails (no file is left).
+    """
     arrays = to_arrays(cache)
     metadata = {"format": FORMAT, "layers": str(len(cache)), "tokens": str(tokens)}
     # Ends in .safetensors: mx.save_safetensors would append the suffix otherwise.
     staging_file = path.with_name(path.stem + ".partial.safetensors")
     try:
+        path.parent.mkdir(exist_ok=True)
         mx.save_safetensors(str(staging_file), arrays, metadata=metadata)
         with open(staging_file, "rb+") as f:
             os.fsync(f.fileno())
@@ -46,12 +72,16 @@ def save_cache(path: Path, cache: list[Any], tokens: int, to_arrays: ToArrays) -
         _fsync_dir(path.parent)
         return path.stat().st_size
     except (OSError, RuntimeError) as exc:  # MLX reports I/O failures as RuntimeError
-        staging_file.unlink(missing_ok=True)
-        raise StoreError(f"cannot write the KV file {path}: {exc}") from exc
+        with contextlib.suppress(OSError):
+            staging_file.unlink(missing_ok=True)
+        raise store_error(path, "write the KV file", exc) from exc
 
 
 def load_cache(path: Path, num_layers: int, tokens: int, from_arrays: FromArrays) -> list[Any]:
-    """Read a cache written by ``save_cache``; StoreError if it is missing or not whole."""
+    """Read a cache written by ``save_cache``; StoreError if it is missing or misshapen.
+
+    ``verify`` the file against the catalog's checksum first: this checks shapes only.
+    """
     try:
         loaded = mx.load(str(path), return_metadata=True)
     except Exception as exc:

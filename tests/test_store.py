@@ -118,9 +118,10 @@ async def test_leftover_files_of_an_uncommitted_turn_are_removed(store: Path) ->
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         await (await rt.spawn("alice")).say("Hello", max_tokens=4)
     [kept] = (store / "kv").iterdir()
-    orphan = store / "kv" / "0123-0000009.safetensors"
+    # Names as troupe writes them: a crash between the write and the commit leaves these.
+    orphan = store / "kv" / "0123456789abcdef0123-0000009.safetensors"
     orphan.write_bytes(b"half a write")
-    partial = store / "kv" / "0123-0000010.partial.safetensors"
+    partial = store / "kv" / "0123456789abcdef0123-0000010.partial.safetensors"
     partial.write_bytes(b"")
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         reply = await (await rt.get("alice")).say("Again", max_tokens=4)
@@ -152,26 +153,6 @@ async def test_told_messages_persist_and_keep_the_cache_valid(store: Path) -> No
         reply = await alice.say("What did Bob say?", max_tokens=4)
     assert reply.cached_tokens > first.prompt_tokens
     assert rt.statistics().caches_loaded == 1
-
-
-async def test_a_vanished_cache_directory_fails_the_turn_not_the_runtime(store: Path) -> None:
-    async with troupe.open_runtime(model=TINY, store=store) as rt:
-        alice = await rt.spawn("alice", system=SYSTEM)
-        bob = await rt.spawn("bob")
-        await alice.say("Hello", max_tokens=4)
-        for path in (store / "kv").iterdir():
-            path.unlink()
-        (store / "kv").rmdir()
-        with pytest.raises(troupe.StoreError):
-            await alice.say("Still there?", max_tokens=4)
-        assert len(alice.transcript()) == 2  # the refused turn is not remembered
-        (store / "kv").mkdir()
-        await bob.say("Hi", max_tokens=4)
-        await alice.say("Still there?", max_tokens=4)
-        assert rt.statistics().turns_failed == 1
-    async with troupe.open_runtime(model=TINY, store=store) as rt:
-        assert len((await rt.get("alice")).transcript()) == 4
-        assert len((await rt.get("bob")).transcript()) == 2
 
 
 async def test_a_store_opened_with_another_model_keeps_transcripts_only(store: Path) -> None:

@@ -1,14 +1,81 @@
-"""The ``troupe`` command: demo, make-model, bench."""
+"""The ``troupe`` command: demo, make-model, bench.
+
+Every failure the user can cause ends in one line on stderr, never a traceback:
+``troupe: error: ...`` and exit 2 (bad arguments, a model, store or file that cannot be
+used, a context too long), or ``troupe: interrupted`` and exit 130 on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
 
+from . import BLAS
+from ._blas import REFERENCE, slow_blas_note
 from ._errors import TroupeError
+
+# Static caps that catch typos before a model loads; the model's own context length is
+# checked when a turn starts (ContextLengthError, reported as one line).
+MAX_AGENTS = 1024
+MAX_TURNS = 1000
+MAX_TOKENS = 32768
+MAX_CONTEXT = 1 << 20
+MAX_SEED = 2**63 - 1  # seeds live in [0, 2**63)
+
+ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # what argparse names the type in its messages
+    return parse
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _directory(text: str) -> str:
+    # An empty path means the current directory to pathlib, which nobody asks for this way.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return text
+
+
+def _writable_file(text: str) -> str:
+    """A file the demo can write at its end, checked now so that a long run is not wasted."""
+    path = Path(_directory(text))
+    try:
+        if path.exists():
+            with path.open("a"):  # appends nothing: only asks whether it could
+                pass
+        else:
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror or exc}") from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,65 +85,100 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run a small multi-agent simulation")
-    demo.add_argument("--agents", type=int, default=8, help="number of agents (default 8)")
-    demo.add_argument("--turns", type=int, default=6, help="rounds of conversation (default 6)")
+    demo.add_argument("--agents", type=_int_in(2, MAX_AGENTS), default=8,
+                      help=f"number of agents, 2 to {MAX_AGENTS} (default 8)")
+    demo.add_argument("--turns", type=_int_in(1, MAX_TURNS), default=6,
+                      help="rounds of conversation (default 6)")
     demo.add_argument("--model", default="embedded",
                       help="'embedded', 'embedded:tiny' or a local MLX model directory")
-    demo.add_argument("--store", default=None, help="store directory (default: memory only)")
-    demo.add_argument("--max-tokens", type=int, default=64, help="tokens per reply (default 64)")
-    demo.add_argument("--temperature", type=float, default=0.8,
+    demo.add_argument("--store", type=_directory, default=None,
+                      help="store directory (default: memory only)")
+    demo.add_argument("--max-tokens", type=_int_in(1, MAX_TOKENS), default=64,
+                      help="tokens per reply (default 64)")
+    demo.add_argument("--temperature", type=_temperature, default=0.8,
                       help="sampling temperature (default 0.8; 0 = greedy)")
-    demo.add_argument("--seed", type=int, default=0, help="base seed of every turn (default 0)")
+    demo.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0,
+                      help="base seed of every turn (default 0)")
     demo.add_argument("--backend", choices=["trio", "asyncio"], default="trio",
                       help="the host event loop (default trio)")
-    demo.add_argument("--json", default=None, metavar="FILE",
+    demo.add_argument("--json", type=_writable_file, default=None, metavar="FILE",
                       help="also write the final statistics to FILE as JSON")
 
     make = commands.add_parser("make-model", help="write the embedded model to a directory")
-    make.add_argument("directory")
+    make.add_argument("directory", type=_directory)
     make.add_argument("--size", choices=["tiny", "small"], default="small")
 
     bench = commands.add_parser("bench", help="measure batching and cache reuse (ratios)")
     bench.add_argument("--model", default="embedded")
-    bench.add_argument("--agents", type=int, default=8)
-    bench.add_argument("--max-tokens", type=int, default=32)
-    bench.add_argument("--context", type=int, default=1024,
+    bench.add_argument("--agents", type=_int_in(1, MAX_AGENTS), default=8)
+    bench.add_argument("--max-tokens", type=_int_in(1, MAX_TOKENS), default=32)
+    bench.add_argument("--context", type=_int_in(16, MAX_CONTEXT), default=1024,
                        help="tokens of context for the cache-reuse measurement")
     return parser
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    # Errors raised inside anyio.run and task groups arrive wrapped in exception groups,
+    # often groups of one inside groups of one.
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "make-model":
+        from ._embedded import make_model
+
+        path = make_model(args.directory, args.size)
+        print(f"wrote the embedded {args.size} model to {path}")
+        return
+    if BLAS.name == REFERENCE:
+        print(f"troupe: note: {slow_blas_note()}", file=sys.stderr, flush=True)
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        anyio.run(
+            lambda: run_demo(
+                agents=args.agents, turns=args.turns, model=args.model, store=args.store,
+                max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                json_path=args.json,
+            ),
+            backend=args.backend,
+        )
+    elif args.command == "bench":
+        from ._bench import run_bench
+
+        anyio.run(
+            lambda: run_bench(model=args.model, agents=args.agents,
+                              max_tokens=args.max_tokens, context=args.context),
+            backend="trio",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "make-model":
-            from ._embedded import make_model
-
-            path = make_model(args.directory, args.size)
-            print(f"wrote the embedded {args.size} model to {path}")
-        elif args.command == "demo":
-            from ._demo import run_demo
-
-            anyio.run(
-                lambda: run_demo(
-                    agents=args.agents, turns=args.turns, model=args.model, store=args.store,
-                    max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                    json_path=args.json,
-                ),
-                backend=args.backend,
-            )
-        elif args.command == "bench":
-            from ._bench import run_bench
-
-            anyio.run(
-                lambda: run_bench(model=args.model, agents=args.agents,
-                                  max_tokens=args.max_tokens, context=args.context),
-                backend="trio",
-            )
-    except (TroupeError, ValueError, TypeError) as exc:
-        print(f"troupe: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        _run(args)
+    except BaseException as exc:  # sorted below; anything unexpected is re-raised
+        leaves = _leaves(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            print("troupe: interrupted", file=sys.stderr)
+            return INTERRUPTED_EXIT
+        if not all(isinstance(leaf, TroupeError | ValueError | OSError) for leaf in leaves):
+            raise
+        more = ""
+        if len(leaves) > 1:
+            # Agents failing together mostly fail alike (a context too small for all).
+            alike = all(type(leaf) is type(leaves[0]) for leaf in leaves)
+            more = f" (and {len(leaves) - 1} more {'like it' if alike else 'errors'})"
+        print(f"troupe: error: {_describe(leaves[0])}{more}", file=sys.stderr)
+        return ERROR_EXIT
     return 0
 
 

@@ -95,7 +95,8 @@ async def run_demo(
                 nonlocal done
                 reply = await handles[i].say(
                     message, max_tokens=max_tokens, temperature=temperature,
-                    seed=seed + 1000 * (turn_base + round_no) + i,
+                    # Wrapped into [0, 2**63), the range of seeds, whatever the base.
+                    seed=(seed + 1000 * (turn_base + round_no) + i) % 2**63,
                 )
                 replies[i] = reply
                 done += 1

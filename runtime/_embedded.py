@@ -6,6 +6,7 @@ template of a real model, so every code path of the runtime runs on it for real.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -159,14 +160,17 @@ def make_model(directory: str | os.PathLike[str], size: EmbeddedSize = "tiny") -
 
     The result is an ordinary MLX model directory (config.json, model.safetensors,
     tokenizer.json, tokenizer_config.json) that ``mlx_lm.load`` accepts. Same size, same
-    bytes: the weights come from a fixed seed.
+    bytes: the weights come from a fixed seed. A ``directory`` that exists as a file raises
+    ``NotADirectoryError``.
     """
     if size not in SHAPES:
         raise ValueError(f"size must be one of {sorted(SHAPES)}, got {size!r}")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(target))
     import mlx.core as mx
 
     shape = SHAPES[size]
-    target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     vocab_size = 256 + len(SPECIAL_TOKENS)
     config = {

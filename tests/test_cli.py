@@ -1,0 +1,163 @@
+"""The troupe command at its edges: every failure is one line and an exit status, no traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+import troupe
+from conftest import PYTHON
+from troupe._cli import main
+
+CLI = [PYTHON, "-m", "troupe._cli"]
+REFERENCE = "reference (bundled with mlx)"
+NOTE = "troupe: note: MLX is using its slow reference BLAS"
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+async def _run_all(
+    runs: list[tuple[list[str], dict[str, str]]], cwd: Path
+) -> list[subprocess.CompletedProcess[str]]:
+    # Side by side: each is a fresh interpreter, mostly waiting on imports.
+    results: list[subprocess.CompletedProcess[str] | None] = [None] * len(runs)
+
+    async def one(i: int) -> None:
+        args, env = runs[i]
+        results[i] = await trio.to_thread.run_sync(lambda: _run(args, env, cwd))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(runs)):
+            nursery.start_soon(one, i)
+    return [r for r in results if r is not None]
+
+
+def _error_lines(stderr: str, *, note: bool) -> list[str]:
+    """stderr without the BLAS note, after checking the note is there exactly when due."""
+    assert "Traceback" not in stderr
+    assert "ExceptionGroup" not in stderr
+    assert "BlasWarning" not in stderr  # the command's own note, not a Python warning
+    lines = stderr.splitlines()
+    notes = [line for line in lines if line.startswith(NOTE)]
+    assert len(notes) == (1 if note else 0), stderr
+    return [line for line in lines if not line.startswith(NOTE)]
+
+
+# The issue's cases, run as the command runs: one process each.
+BAD_ARGUMENTS = [
+    (["demo", "--max-tokens", "0"], "--max-tokens"),
+    (["demo", "--max-tokens", "100000"], "--max-tokens"),
+    (["demo", "--temperature", "nan"], "--temperature"),
+    (["demo", "--temperature", "-1"], "--temperature"),
+    (["demo", "--seed", "-5"], "--seed"),
+    (["demo", "--seed", str(2**63)], "--seed"),
+    (["demo", "--store", ""], "--store"),
+    (["demo", "--json", "/nonexistent/x.json"], "--json"),
+]
+# More of the same kind, through the same entry point in this process (no interpreter start).
+MORE_BAD_ARGUMENTS = [
+    (["demo", "--temperature", "inf"], "--temperature"),
+    (["demo", "--agents", "1"], "--agents"),
+    (["demo", "--agents", "1000000"], "--agents"),
+    (["demo", "--turns", "0"], "--turns"),
+    (["demo", "--turns", "10000000"], "--turns"),
+    (["demo", "--json", "/proc/x"], "--json"),
+    (["make-model", ""], "directory"),
+    (["bench", "--agents", "0"], "--agents"),
+    (["bench", "--max-tokens", "100000"], "--max-tokens"),
+    (["bench", "--context", "2"], "--context"),
+    (["bench", "--context", str(10**9)], "--context"),
+]
+
+
+async def test_bad_arguments_are_refused_before_anything_runs(
+    tmp_path: Path, troupe_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = await _run_all([([*CLI, *args], troupe_env) for args, _ in BAD_ARGUMENTS],
+                             cwd=tmp_path)
+    assert list(await trio.Path(tmp_path).iterdir()) == []  # `--store ''` once wrote a store here
+    for (args, flag), result in zip(BAD_ARGUMENTS, results, strict=True):
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stdout == "", args  # no banner: nothing started, no model loaded
+        last = _error_lines(result.stderr, note=False)[-1]
+        assert last.startswith(f"troupe {args[0]}: error: argument {flag}: "), (args, last)
+    for args, flag in MORE_BAD_ARGUMENTS:
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+        assert exited.value.code == 2, args
+        out, err = capsys.readouterr()
+        assert out == "", args
+        last = _error_lines(err, note=False)[-1]
+        assert last.startswith(f"troupe {args[0]}: error: argument {flag}: "), (args, last)
+
+
+async def test_failures_at_run_time_are_one_line_each(
+    tmp_path: Path, troupe_env: dict[str, str]
+) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("mine")
+    report = tmp_path / "report.json"
+    demo = [*CLI, "demo", "--model", "embedded:tiny", "--agents", "2"]
+    slow = dict(troupe_env, TROUPE_BLAS="/nonexistent")
+    runs = [
+        # Within the static cap but beyond the tiny model's context of 2048 tokens.
+        ([*demo, "--max-tokens", "5000", "--json", str(report)], troupe_env),
+        ([*demo, "--store", "/proc/x"], troupe_env),
+        ([*demo, "--model", "/nonexistent/model"], troupe_env),
+        ([*CLI, "make-model", "/proc/x", "--size", "tiny"], troupe_env),
+        ([*CLI, "make-model", str(in_the_way), "--size", "tiny"], troupe_env),
+        # The console script, on the reference BLAS: its note is a line of its own.
+        ([str(Path(PYTHON).parent / "troupe"), "demo", "--model", "/nonexistent/model"], slow),
+    ]
+    results = await _run_all(runs, cwd=tmp_path)
+    slow_here = troupe.BLAS.name == REFERENCE
+    errors = []
+    for (args, env), result in zip(runs, results, strict=True):
+        assert result.returncode == 2, (args, result.stderr)
+        # The note comes before a demo or bench starts, on the reference BLAS only.
+        lines = _error_lines(result.stderr, note="demo" in args and (slow_here or env is slow))
+        assert len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("troupe: error: ")
+        errors.append(lines[0])
+    context, store, model, proc, file, console = errors
+    assert "exceeds the model's context of 2048" in context
+    assert not report.exists()  # checked up front, written only by a demo that finished
+    assert "/proc/x" in store
+    assert "/nonexistent/model" in model
+    assert proc.startswith("troupe: error: /proc/x: ")
+    assert file == f"troupe: error: {in_the_way}: exists and is not a directory"
+    assert in_the_way.read_text() == "mine"
+    assert console == model
+    with pytest.raises(NotADirectoryError):
+        troupe.make_model(in_the_way)
+
+
+async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str]) -> None:
+    def interrupt() -> tuple[int, str, str]:
+        with subprocess.Popen(
+            # Short turns so that the first shows soon; 40 of them so that many are left.
+            [*CLI, "demo", "--model", "embedded:tiny", "--agents", "2", "--turns", "20",
+             "--max-tokens", "16"], env=troupe_env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ) as demo:
+            assert demo.stdout is not None
+            progress = ""
+            for line in demo.stdout:  # wait for the first finished turn
+                if line.startswith("[  1/40]"):
+                    progress = line
+                    break
+            demo.send_signal(signal.SIGINT)
+            _, stderr = demo.communicate(timeout=120)
+            return demo.returncode, progress, stderr
+
+    returncode, progress, stderr = await trio.to_thread.run_sync(interrupt)
+    assert progress, stderr
+    assert returncode == 130
+    lines = _error_lines(stderr, note=troupe.BLAS.name == REFERENCE)
+    assert lines == ["troupe: interrupted"]

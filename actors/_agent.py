@@ -21,15 +21,21 @@ import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._actor import Actor, Pending, Request
-from .._errors import ContextLengthError, EngineError, RuntimeClosedError, StoreError
+from .._errors import (
+    ContextLengthError,
+    EngineError,
+    RuntimeClosedError,
+    StoreError,
+    TroupeError,
+)
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
 from .._validate import check_message
 from ..storage._catalog import AgentRecord
-from ._engine import FinishEvent
+from ._engine import CutKV, FinishEvent
 from ._mlx import ModelInfo
 from ._renderer import Renderer
 from ._scheduler import Scheduler, StartTurn, TurnChannel
-from ._storage import CommitTurn, KVRecord, RestoreCache, Storage
+from ._storage import NO_PREFIX, Checkout, Commit, Prefix, Storage
 
 logger = logging.getLogger("troupe")
 
@@ -52,9 +58,7 @@ class AgentState:
 
     system: str
     transcript: list[Message] = attrs.field(factory=list)
-    history: list[int] = attrs.field(factory=list)
     turns: int = 0
-    kv: KVRecord | None = None
     saved: int = 0
     """How many messages of the transcript the store has (all, unless a tell failed)."""
 
@@ -64,10 +68,7 @@ class AgentState:
             system=record.system,
             transcript=[Message(cast(Role, role), text) for role, text in record.messages],
             saved=len(record.messages),
-            history=list(record.history),
             turns=record.turns,
-            kv=KVRecord(record.kv_file, record.kv_checksum)
-            if record.kv_file and record.kv_checksum else None,
         )
 
 
@@ -82,14 +83,6 @@ class Services:
     counters: TurnCounters
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class AgentActor(Actor):
     """The actor behind an ``Agent`` handle."""
 
@@ -98,7 +91,8 @@ class AgentActor(Actor):
         self.agent_id = agent_id
         self.state = state
         self._services = services
-        self._cache: Any = None  # KV layers that cover state.history, when in memory
+        self._finished: FinishEvent | None = None  # how a cancelled turn ended
+        self.cached = services.storage.covered(agent_id)
         self.renderer = services.renderer
         self.tokens_generated = 0
         self.tokens_prefilled = 0
@@ -138,39 +132,52 @@ class AgentActor(Actor):
                 f"{turn.sampling.max_tokens} = {needed} exceeds the model's context of {limit}",
                 needed=needed, limit=limit,
             )
-        await self._bring_back_cache()
-        reuse = 0
-        if self._cache is not None:
-            # At least one token must be new: the model needs an input to predict from.
-            reuse = min(_common_prefix(self.state.history, prompt), len(prompt) - 1)
-        seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
-        start = StartTurn(prompt[reuse:], prompt[:reuse], self._cache, turn.sampling, seed)
-        # Shielded: once the scheduler has the cache, we must hold the channel to get it back.
+        storage = services.storage
+        # Shielded: the prefix comes back pinned, and only this turn's Commit unpins it.
         with anyio.CancelScope(shield=True):
-            channel = await services.scheduler.call(start)
-        self._cache, self.state.history = None, []
-        finish, text = await self._follow(channel, turn.deltas)
-        self._take_back(finish)
-        if finish.error is not None:
-            services.counters.turns_failed += 1
-            raise EngineError(f"agent {self.agent_id!r}: the turn failed: {finish.error}") \
-                from finish.error
-        if finish.finish_reason == "cancelled":
-            # The engine stopped under us: the runtime is closing.
-            raise RuntimeClosedError(f"agent {self.agent_id!r}: the runtime closed mid-turn")
-        reply = Reply(
-            agent_id=self.agent_id,
-            text=text,
-            tokens=finish.tokens,
-            prompt_tokens=len(prompt) - finish.reused,
-            cached_tokens=finish.reused,
-            finish_reason="stop" if finish.finish_reason == "stop" else "length",
-        )
+            prefix = await storage.call(Checkout(self.agent_id, tuple(prompt)))
+        finish: FinishEvent | None = None
+        kv_handed_back = False
         try:
-            await self._commit([user, Message("assistant", reply.text)], turn=True)
-        except BaseException:
-            services.counters.turns_failed += 1
-            raise
+            seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
+            start = StartTurn(prompt[prefix.tokens :], prompt[: prefix.tokens], prefix.cached,
+                              turn.sampling, seed, storage.block_size,
+                              services.info.persistable_cache)
+            # Shielded: once the engine has the turn, we must hold the channel to end it.
+            with anyio.CancelScope(shield=True):
+                channel = await services.scheduler.call(start)
+            finish, text = await self._follow(channel, turn.deltas)
+            if finish.error is not None:
+                services.counters.turns_failed += 1
+                raise EngineError(f"agent {self.agent_id!r}: the turn failed: {finish.error}") \
+                    from finish.error
+            if finish.finish_reason == "cancelled":
+                # The engine stopped under us: the runtime is closing.
+                raise RuntimeClosedError(f"agent {self.agent_id!r}: the runtime closed mid-turn")
+            reply = Reply(
+                agent_id=self.agent_id,
+                text=text,
+                tokens=finish.tokens,
+                prompt_tokens=len(prompt) - finish.reused,
+                cached_tokens=finish.reused,
+                finish_reason="stop" if finish.finish_reason == "stop" else "length",
+            )
+            kv_handed_back = True
+            try:
+                await self._commit([user, Message("assistant", reply.text)], turn=True,
+                                   prefix=prefix, kv=finish.kv)
+            except BaseException:
+                services.counters.turns_failed += 1
+                raise
+        finally:
+            if not kv_handed_back:
+                # Failed or cancelled: the KV computed so far is still good for its tokens.
+                with anyio.CancelScope(shield=True):
+                    kv = self._finished.kv if self._finished is not None else None
+                    kv = finish.kv if finish is not None else kv
+                    self._finished = None
+                    with contextlib.suppress(TroupeError):
+                        await self._commit([], turn=False, prefix=prefix, kv=kv)
         counters = services.counters
         counters.turns_completed += 1
         counters.tokens_generated += len(reply.tokens)
@@ -198,7 +205,7 @@ class AgentActor(Actor):
                 channel.cancel()
                 async for event in channel.events:
                     if isinstance(event, FinishEvent):
-                        self._take_back(event)
+                        self._finished = event
                 self._services.counters.turns_cancelled += 1
             raise
         raise EngineError("the engine closed the turn without finishing it")
@@ -209,41 +216,32 @@ class AgentActor(Actor):
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             deltas.send_nowait(text)
 
-    def _take_back(self, finish: FinishEvent) -> None:
-        if finish.cache is not None:
-            self._cache, self.state.history = finish.cache, list(finish.all_tokens)
-        else:
-            self._cache, self.state.history = None, []
-
-    async def _bring_back_cache(self) -> None:
-        state = self.state
-        if self._cache is not None or state.kv is None or not state.history:
-            return
-        self._cache = await self._services.storage.call(
-            RestoreCache(self.agent_id, state.kv, len(state.history))
-        )
-        if self._cache is None:
-            state.history, state.kv = [], None
-
-    async def _commit(self, messages: list[Message], *, turn: bool) -> None:
+    async def _commit(
+        self,
+        messages: list[Message],
+        *,
+        turn: bool,
+        prefix: Prefix = NO_PREFIX,
+        kv: CutKV | None = None,
+    ) -> None:
         """Persist, then remember: a turn the store refused is not in the transcript.
 
         Told messages the store refused before go along with this commit.
         """
         state = self.state
         turns = state.turns + 1 if turn else state.turns
-        commit = CommitTurn(
+        pending = [*state.transcript[state.saved :], *messages]
+        commit = Commit(
             agent_id=self.agent_id,
             first_seq=state.saved,
-            messages=[(m.role, m.content) for m in [*state.transcript[state.saved :], *messages]],
+            messages=[(m.role, m.content) for m in pending],
             turns=turns,
-            history=tuple(state.history),
-            cache=self._cache if turn else None,
-            previous=state.kv,
+            prefix=prefix,
+            kv=kv,
         )
         # Shielded: memory and store must agree on whether these messages happened.
         with anyio.CancelScope(shield=True):
-            state.kv = await self._services.storage.call(commit)
+            self.cached = await self._services.storage.call(commit)
         state.transcript.extend(messages)
         state.saved = len(state.transcript)
         state.turns = turns
@@ -253,7 +251,7 @@ class AgentActor(Actor):
             agent_id=self.agent_id,
             turns=self.state.turns,
             messages=len(self.state.transcript),
-            cached_tokens=len(self.state.history),
+            cached_tokens=self.cached,
             tokens_generated=self.tokens_generated,
             tokens_prefilled=self.tokens_prefilled,
             tokens_reused=self.tokens_reused,

@@ -25,15 +25,18 @@ from .._errors import EngineError, RuntimeClosedError
 from .._records import Sampling
 from ._mlx import (
     Batch,
+    KVBlock,
     KVLayers,
     LoadedModel,
     ModelInfo,
     StepOutput,
     TextStream,
+    assemble,
+    block_bytes,
     cache_tokens,
+    cut_blocks,
     make_sampler,
     release_thread_resources,
-    trim_cache,
 )
 
 logger = logging.getLogger("troupe")
@@ -50,19 +53,35 @@ class TokenEvent:
 
 
 @attrs.frozen
+class CutKV:
+    """The KV a turn left behind, cut into blocks on the engine thread.
+
+    Covers ``tokens``; ``blocks`` are the full blocks from chain position ``first_block``
+    on (those before it came in with the turn), each with its bytes as ``views``;
+    ``tail`` holds the tokens after the last full block.
+    """
+
+    tokens: tuple[int, ...]
+    first_block: int
+    blocks: list[KVBlock] = attrs.field(repr=False)
+    views: list[list[memoryview]] = attrs.field(repr=False)
+    tail: KVBlock | None = attrs.field(repr=False)
+    tail_views: list[memoryview] | None = attrs.field(repr=False)
+
+
+@attrs.frozen
 class FinishEvent:
     """A turn left the batch: finished, stopped, cancelled or failed.
 
-    ``cache`` covers exactly ``all_tokens`` (None if it was lost to an error);
-    ``reused`` is how many history tokens the turn took from the cache it came with.
+    ``kv`` is what its KV became (None if there is nothing new to keep); ``reused`` is
+    how many tokens the turn took from the KV it came with.
     """
 
     key: int
     finish_reason: str
     text: str
     tokens: tuple[int, ...]
-    cache: KVLayers | None
-    all_tokens: tuple[int, ...]
+    kv: CutKV | None
     reused: int = 0
     error: BaseException | None = None
 
@@ -71,15 +90,27 @@ Event = TokenEvent | FinishEvent
 
 
 @attrs.frozen
+class CachedPrefix:
+    """The KV a turn starts from: full blocks, then the first ``tail_tokens`` of a tail."""
+
+    blocks: list[KVBlock] = attrs.field(repr=False)
+    tail: KVBlock | None = attrs.field(repr=False)
+    tail_tokens: int
+
+
+@attrs.frozen
 class SequenceSpec:
-    """What the engine needs to run one turn. ``cache`` covers at least ``history``."""
+    """What the engine needs to run one turn. ``prefix`` covers exactly ``history``."""
 
     key: int
     prompt: list[int]
     history: list[int]
-    cache: KVLayers | None
+    prefix: CachedPrefix | None
     sampling: Sampling
     seed: int
+    block_size: int
+    cut: bool
+    """Whether to cut the final KV into blocks (the model's cache is plain KVCache)."""
 
 
 @attrs.define(eq=False)
@@ -244,14 +275,8 @@ class Engine:
 
     def _refuse(self, command: Any, error: EngineError | None) -> None:
         if isinstance(command, SequenceSpec):
-            cache = None if error is not None else command.cache
-            if cache is not None:
-                try:
-                    trim_cache(cache, len(command.history))
-                except Exception:
-                    cache = None  # the turn still gets its answer; the cache is lost
-            event = FinishEvent(command.key, "cancelled", "", (), cache,
-                                tuple(command.history) if cache is not None else (), error=error)
+            # The turn's prefix stays with its owner: nothing new to hand back.
+            event = FinishEvent(command.key, "cancelled", "", (), None, error=error)
             self._to_loop(self.deliver, [event])
         elif isinstance(command, tuple) and isinstance(command[1], _Outcome):
             if error is None:
@@ -278,16 +303,20 @@ class Engine:
     def _insert(self, spec: SequenceSpec) -> None:
         assert self._batch is not None
         assert self._model is not None
-        cache, history, prompt = spec.cache, spec.history, spec.prompt
-        if cache is not None:
-            trim_cache(cache, len(history))
-            if cache_tokens(cache) != len(history):
-                # Some caches (rotating windows) cannot be cut back: start afresh.
-                logger.info("a cache could not be trimmed; prefilling the whole prompt")
-                cache = None
-        if cache is None:
-            history, prompt = [], history + prompt
+        history, prompt, prefix = spec.history, spec.prompt, spec.prefix
         try:
+            cache = None
+            if prefix is not None:
+                parts = list(prefix.blocks)
+                if prefix.tail is not None and prefix.tail_tokens > 0:
+                    parts.append([(k[..., : prefix.tail_tokens, :], v[..., : prefix.tail_tokens, :])
+                                  for k, v in prefix.tail])
+                cache = assemble(parts) if parts else None
+            if cache is None:
+                history, prompt = [], history + prompt
+            elif cache_tokens(cache) != len(history):
+                raise ValueError(f"a prefix of {cache_tokens(cache)} tokens for a history of "
+                                 f"{len(history)}")
             uid = self._batch.insert(
                 prompt, history, cache,
                 make_sampler(spec.sampling, spec.seed), spec.sampling.max_tokens,
@@ -301,7 +330,7 @@ class Engine:
 
     @staticmethod
     def _failed(spec: SequenceSpec, exc: BaseException) -> FinishEvent:
-        return FinishEvent(spec.key, "error", "", (), None, (), error=exc)
+        return FinishEvent(spec.key, "error", "", (), None, error=exc)
 
     def _cancel(self, key: int) -> None:
         sequence = self._sequences.get(key)
@@ -321,16 +350,27 @@ class Engine:
     ) -> FinishEvent:
         del self._sequences[sequence.spec.key]
         del self._by_uid[sequence.uid]
-        cache, tokens = cache_and_tokens if cache_and_tokens else (None, [])
-        if cache is not None and cache_tokens(cache) != len(tokens):
-            # Never hand back a cache whose token history is not exactly known.
-            logger.warning("dropping a cache that covers %d tokens, not %d",
-                           cache_tokens(cache), len(tokens))
-            cache, tokens = None, []
+        kv = None
+        if cache_and_tokens is not None and sequence.spec.cut:
+            kv = self._cut(sequence, *cache_and_tokens)
         return FinishEvent(
-            sequence.spec.key, reason, text, tuple(sequence.generated),
-            cache, tuple(tokens), sequence.reused, error,
+            sequence.spec.key, reason, text, tuple(sequence.generated), kv, sequence.reused,
+            error,
         )
+
+    def _cut(self, sequence: _Sequence, cache: KVLayers, tokens: list[int]) -> CutKV | None:
+        """Copy the new blocks and the tail out of a finished cache, so the batch's buffers
+        can go; None (nothing kept) if the cache is not exactly what the tokens say."""
+        spec = sequence.spec
+        if not cache or cache_tokens(cache) != len(tokens):
+            # Never keep KV whose token history is not exactly known.
+            logger.warning("dropping a cache that covers %d tokens, not %d",
+                           cache_tokens(cache) if cache else 0, len(tokens))
+            return None
+        first = len(spec.prefix.blocks) if spec.prefix is not None and sequence.reused else 0
+        blocks, tail = cut_blocks(cache, first * spec.block_size, spec.block_size, tail=True)
+        return CutKV(tuple(tokens), first, blocks, [block_bytes(b) for b in blocks], tail,
+                     block_bytes(tail) if tail is not None else None)
 
     def _step(self) -> None:
         assert self._batch is not None

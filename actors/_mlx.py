@@ -11,10 +11,11 @@ import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
+import numpy as np
 
 from .._errors import ModelLoadError
 from .._records import GREEDY_BELOW, Sampling
@@ -35,8 +36,9 @@ class ModelInfo:
     vocab_size: int
     eos_token_ids: frozenset[int]
     kv_bytes_per_token: int
+    """Measured: the nbytes of one token's keys and values over all layers."""
     persistable_cache: bool
-    """Whether the model's cache is plain KVCache layers, the kind the store can save."""
+    """Whether the model's cache is plain KVCache layers, the kind troupe cuts into blocks."""
 
 
 def _context_length(config: dict[str, Any]) -> int:
@@ -111,11 +113,16 @@ class LoadedModel:
             raise ModelLoadError(f"could not load the model at {path}: {exc}") from exc
         self.tokenizer = Tokenizer(wrapped)
         layers = len(probe)
-        kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads", 0)
-        hidden = config.get("hidden_size", 0)
-        heads = config.get("num_attention_heads") or 1
-        head_dim = config.get("head_dim") or (hidden // heads if hidden else 0)
-        dtype_bytes = 2 if str(config.get("torch_dtype", "")).endswith("16") else 4
+        blocks = all(type(c) is KVCache for c in probe)
+        self.layout: BlockLayout | None = None
+        if blocks:
+            # One real token through the model: the cache's true shapes, dtype and bytes.
+            try:
+                self.model(mx.array([[0]]), cache=probe)
+                self.layout = BlockLayout.of(probe)
+            except Exception as exc:
+                raise ModelLoadError(f"the model at {path} failed a one-token probe: {exc}") \
+                    from exc
         self.info = ModelInfo(
             path=str(path),
             name=path.name,
@@ -123,8 +130,8 @@ class LoadedModel:
             num_layers=layers,
             vocab_size=int(config.get("vocab_size", 0)),
             eos_token_ids=frozenset(int(t) for t in wrapped.eos_token_ids),
-            kv_bytes_per_token=2 * layers * int(kv_heads) * int(head_dim) * dtype_bytes,
-            persistable_cache=all(type(c) is KVCache for c in probe),
+            kv_bytes_per_token=self.layout.bytes_per_token if self.layout else 0,
+            persistable_cache=blocks,
         )
 
 
@@ -271,6 +278,104 @@ def trim_cache(cache: KVLayers, keep: int) -> None:
     excess = cache_tokens(cache) - keep
     if excess > 0:
         trim_prompt_cache(cache, excess)
+
+
+KVBlock = list[tuple[mx.array, mx.array]]
+"""One run of tokens' keys and values, per layer: evaluated, contiguous, owned."""
+
+
+@attrs.frozen
+class BlockLayout:
+    """The shape of one token's KV in every layer, to rebuild blocks from bytes."""
+
+    key_shape: tuple[int, ...]
+    """(kv_heads, head_dim) of keys; values share the heads."""
+    value_dim: int
+    dtype: str
+    layers: int
+    bytes_per_token: int
+
+    @classmethod
+    def of(cls, cache: KVLayers) -> BlockLayout:
+        first = cache[0]
+        _, heads, _, dim = first.keys.shape
+        per_token = sum(
+            layer.keys.nbytes // layer.keys.shape[2] + layer.values.nbytes // layer.values.shape[2]
+            for layer in cache
+        )
+        return cls((heads, dim), int(first.values.shape[3]), str(first.keys.dtype).split(".")[-1],
+                   len(cache), int(per_token))
+
+    def from_bytes(self, data: bytes | memoryview, tokens: int) -> KVBlock:
+        """Rebuild a block from ``block_bytes`` output (engine thread)."""
+        dtype = getattr(mx, self.dtype)
+        heads, dim = self.key_shape
+        flat = mx.array(np.frombuffer(data, dtype=np.uint8)).view(dtype)
+        key_size, value_size = heads * tokens * dim, heads * tokens * self.value_dim
+        layers: KVBlock = []
+        offset = 0
+        for _ in range(self.layers):
+            keys = flat[offset : offset + key_size].reshape(1, heads, tokens, dim)
+            offset += key_size
+            values = flat[offset : offset + value_size].reshape(1, heads, tokens, self.value_dim)
+            offset += value_size
+            layers.append((keys, values))
+        if offset != flat.size:
+            raise ValueError(f"a block of {tokens} tokens cannot hold {flat.size} values")
+        # Copies of their own: a slice would keep the whole file's buffer alive.
+        layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
+        mx.eval(layers)
+        return layers
+
+
+def block_bytes(block: KVBlock) -> list[memoryview]:
+    """The block's bytes, layer by layer, keys then values (zero-copy views).
+
+    Made on the engine thread; the views may then be read on any thread.
+    """
+    return [memoryview(cast(Any, a)).cast("B") for pair in block for a in pair]
+
+
+def block_nbytes(block: KVBlock) -> int:
+    return sum(k.nbytes + v.nbytes for k, v in block)
+
+
+def cut_blocks(
+    cache: KVLayers, start: int, block_size: int, *, tail: bool
+) -> tuple[list[KVBlock], KVBlock | None]:
+    """Copies of the cache's full blocks from token ``start`` (a block boundary) on, and
+    of the partial tail after them if ``tail``. Evaluated: nothing keeps the cache alive."""
+    covered = cache_tokens(cache)
+    full_end = covered - covered % block_size
+    spans = [(s, s + block_size) for s in range(start, full_end, block_size)]
+    if tail and full_end < covered:
+        spans.append((full_end, covered))
+    pieces: list[KVBlock] = [
+        [(mx.contiguous(layer.keys[..., a:b, :]), mx.contiguous(layer.values[..., a:b, :]))
+         for layer in cache]
+        for a, b in spans
+    ]
+    mx.eval(pieces)
+    if tail and full_end < covered:
+        return pieces[:-1], pieces[-1]
+    return pieces, None
+
+
+def assemble(parts: list[KVBlock]) -> KVLayers:
+    """One KVCache per layer holding ``parts`` end to end (a copy; BatchGenerator copies
+    it again into the batch, so nothing here is kept)."""
+    from mlx_lm.models.cache import KVCache
+
+    layers: KVLayers = []
+    for i in range(len(parts[0])):
+        layer = KVCache()
+        keys = [part[i][0] for part in parts]
+        values = [part[i][1] for part in parts]
+        layer.keys = keys[0] if len(keys) == 1 else mx.concatenate(keys, axis=2)
+        layer.values = values[0] if len(values) == 1 else mx.concatenate(values, axis=2)
+        layer.offset = int(layer.keys.shape[2])
+        layers.append(layer)
+    return layers
 
 
 def cache_arrays(cache: KVLayers) -> dict[str, mx.array]:

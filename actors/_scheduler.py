@@ -18,17 +18,18 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._actor import Actor, Request
 from .._records import Sampling
-from ._engine import Engine, Event, FinishEvent, SequenceSpec
-from ._mlx import KVLayers
+from ._engine import CachedPrefix, Engine, Event, FinishEvent, SequenceSpec
 
 
 @attrs.frozen
 class StartTurn(Request["TurnChannel"]):
     prompt: list[int]
     history: list[int]
-    cache: KVLayers | None = attrs.field(repr=False)
+    prefix: CachedPrefix | None = attrs.field(repr=False)
     sampling: Sampling
     seed: int
+    block_size: int
+    cut: bool
 
 
 @attrs.define(eq=False)
@@ -64,8 +65,8 @@ class Scheduler(Actor):
         # Unbounded: a turn's events are bounded by its max_tokens, and the engine must
         # never wait on a slow reader.
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
-        spec = SequenceSpec(key, message.prompt, message.history, message.cache,
-                            message.sampling, message.seed)
+        spec = SequenceSpec(key, message.prompt, message.history, message.prefix,
+                            message.sampling, message.seed, message.block_size, message.cut)
         self._routes[key] = send
         try:
             self.engine.insert(spec)

@@ -1,15 +1,17 @@
-"""The storage actor: the catalog in SQLite and each agent's KV cache on disk.
+"""The storage actor: owns every KV block, in memory and on disk, and the catalog.
 
-With a store directory, every turn is committed before its reply returns: the agent's new
-messages, the token history its cache covers, and the cache itself (written by the engine
-thread to a fresh file, which the catalog then points at). Without one it keeps nothing.
-A cache file that is missing or damaged costs a re-prefill, never a transcript.
+Agents hold leases (a chain of block ids and a tail of their own); a turn checks out the
+blocks that match its prompt (pinned, restored from disk if they left memory, shared with
+any agent whose prompt starts the same), and commits the blocks it completed. With a store
+directory each new block is written once (fsynced, checksummed) before the catalog
+transaction that records the turn, so a crash never leaves a row pointing at a partial
+file. The hot bytes are kept under the budget by evicting unpinned KV, least recently used
+first: with a store it is on disk already; without one, the next turn prefills it again.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import re
 import sqlite3
@@ -23,11 +25,19 @@ import attrs
 from .._actor import Actor, Request
 from .._errors import StoreError
 from ..storage._asyncio_thread import AsyncioThread
-from ..storage._catalog import AgentRecord, Catalog
+from ..storage._blocks import (
+    KVFile,
+    block_file_name,
+    block_ids,
+    read_kv,
+    tail_file_name,
+    write_kv,
+)
+from ..storage._catalog import AgentRecord, Catalog, TailRecord
 from ..storage._faults import store_error
-from ..storage._kvfile import checksum, load_cache, save_cache, verify
-from ._engine import Engine
-from ._mlx import KVLayers, ModelInfo, cache_arrays, cache_from_arrays
+from ._engine import CachedPrefix, CutKV, Engine
+from ._mlx import BlockLayout, ModelInfo, block_bytes
+from ._pool import Block, BlockPool, Lease, Tail
 
 logger = logging.getLogger("troupe")
 
@@ -39,34 +49,41 @@ class AddAgent(Request[None]):
 
 
 @attrs.frozen
-class KVRecord:
-    """A cache file in the store's kv/ folder and the checksum the catalog keeps of it."""
+class Prefix:
+    """The KV a turn starts from, pinned until the turn's ``Commit`` hands it back."""
 
-    name: str
-    checksum: str
+    tokens: int
+    cached: CachedPrefix | None
+    pinned: tuple[Block, ...] = attrs.field(repr=False)
+    pinned_tail: Tail | None = attrs.field(repr=False)
+
+
+NO_PREFIX = Prefix(0, None, (), None)
 
 
 @attrs.frozen
-class CommitTurn(Request[KVRecord | None]):
-    """Persist new messages, and a new cache covering ``history`` unless ``cache`` is None.
+class Checkout(Request[Prefix]):
+    """Pin the longest run of known blocks (and the agent's tail) that ``prompt`` starts
+    with, restoring from disk what left memory."""
 
-    Returns the cache file now on record (None if none).
+    agent_id: str
+    prompt: tuple[int, ...]
+
+
+@attrs.frozen
+class Commit(Request[int]):
+    """Record a turn: new messages, and the KV it left (``kv`` None: the lease stands).
+
+    Unpins ``prefix``. Returns how many tokens the agent's lease covers now. The KV is
+    taken even when the catalog then refuses the turn (StoreError).
     """
 
     agent_id: str
     first_seq: int
     messages: list[tuple[str, str]]
     turns: int
-    history: tuple[int, ...]
-    cache: KVLayers | None = attrs.field(repr=False)
-    previous: KVRecord | None
-
-
-@attrs.frozen
-class RestoreCache(Request[KVLayers | None]):
-    agent_id: str
-    kv: KVRecord
-    tokens: int
+    prefix: Prefix
+    kv: CutKV | None
 
 
 def _prepare_store(root: Path) -> IO[bytes]:
@@ -86,7 +103,11 @@ def _prepare_store(root: Path) -> IO[bytes]:
     return handle
 
 
-_KV_NAME = re.compile(r"[0-9a-f]{20}-[0-9]{7}(\.partial)?\.safetensors")
+# Block files, their staging names, and the whole-cache files of schema 1 and 2.
+_KV_NAME = re.compile(
+    r"[0-9a-f]{32}\.(kvb|partial)|[0-9a-f]{20}-[0-9a-f]{16}\.(kvt|partial)"
+    r"|[0-9a-f]{20}-[0-9]{7}(\.partial)?\.safetensors"
+)
 
 
 def _remove_orphans(directory: Path, referenced: set[str]) -> None:
@@ -124,17 +145,43 @@ class Storage(Actor):
     StoreError; the next request tries again, so a fault that passes heals by itself.
     """
 
-    def __init__(self, root: Path | None, engine: Engine, info: ModelInfo, mailbox: int) -> None:
+    def __init__(
+        self,
+        root: Path | None,
+        engine: Engine,
+        info: ModelInfo,
+        layout: BlockLayout | None,
+        mailbox: int,
+        *,
+        budget: int,
+        block_size: int,
+    ) -> None:
         super().__init__("storage", mailbox)
         self.root = root
+        self.block_size = block_size
         self._engine = engine
         self._info = info
+        self._layout = layout
+        self._model_key = (
+            f"{info.name}:{info.num_layers}:{info.vocab_size}:{info.kv_bytes_per_token}"
+        )
+        self._hash_key = self._model_key.encode()
         self._sqlite: AsyncioThread | None = None
         self._catalog: Catalog | None = None
         self._lock: IO[bytes] | None = None
+        self.pool = BlockPool(budget)
         self.caches_saved = 0
         self.caches_loaded = 0
         self.caches_unsaved = 0
+        self.restores = 0
+        self.rebuilds = 0
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    @property
+    def _kv_dir(self) -> Path:
+        assert self.root is not None
+        return self.root / "kv"
 
     async def open(self) -> list[AgentRecord]:
         """Open the store (if any) and return the agents it holds."""
@@ -142,20 +189,29 @@ class Storage(Actor):
             return []
         self._lock = await anyio.to_thread.run_sync(_prepare_store, self.root)
         self._sqlite = AsyncioThread("troupe-sqlite")
-        info = self._info
-        model_key = f"{info.name}:{info.num_layers}:{info.vocab_size}:{info.kv_bytes_per_token}"
         # Shielded: a connection abandoned half-open would keep its (non-daemon) thread.
         with anyio.CancelScope(shield=True):
             catalog, fits = await self._sqlite.run(
-                Catalog.open, self.root / "catalog.sqlite", model_key
+                Catalog.open, self.root / "catalog.sqlite", self._model_key
             )
         self._catalog = catalog
         if not fits:
             logger.warning("store %s was made with another model: its caches are dropped, "
                            "transcripts kept", self.root)
         records = await self._sqlite.run(catalog.load_agents)
-        referenced = await self._sqlite.run(catalog.kv_files)
-        await anyio.to_thread.run_sync(_remove_orphans, self.root / "kv", referenced)
+        files = await self._sqlite.run(catalog.load_blocks)
+        pool = self.pool
+        for block_id, file in files.items():
+            pool.blocks[block_id] = Block(block_id, 0, None, file.nbytes, file)
+        names = {f.name for f in files.values()}
+        for record in records:
+            lease = pool.lease(record.agent_id)
+            pool.set_chain(lease, list(record.chain))
+            if record.tail is not None:
+                lease.tail = Tail(record.tail.tokens, None, record.tail.file.nbytes,
+                                  record.tail.file)
+                names.add(record.tail.file.name)
+        await anyio.to_thread.run_sync(_remove_orphans, self._kv_dir, names)
         return records
 
     async def aclose(self) -> None:
@@ -173,98 +229,279 @@ class Storage(Actor):
                 return await self._dispatch(message)
         except (OSError, sqlite3.Error) as exc:
             # Whatever slipped past the finer handlers fails this request, not the store.
-            assert self.root is not None
-            raise store_error(self.root, "use the store", exc) from exc
+            raise store_error(self.root or Path("."), "use the store", exc) from exc
 
     async def _dispatch(self, message: Request[Any]) -> Any:
-        if isinstance(message, CommitTurn):
+        if isinstance(message, Checkout):
+            return await self._checkout(message)
+        if isinstance(message, Commit):
             return await self._commit(message)
-        if isinstance(message, RestoreCache):
-            return await self._restore(message)
         if isinstance(message, AddAgent):
             return await self._add(message)
         raise TypeError(f"storage cannot handle {message!r}")
 
     async def _add(self, message: AddAgent) -> None:
-        if self._catalog is None:
+        if self._catalog is not None:
+            assert self._sqlite is not None
+            await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system)
+        self.pool.lease(message.agent_id)
+
+    def covered(self, agent_id: str) -> int:
+        lease = self.pool.leases.get(agent_id)
+        if lease is None:
+            return 0
+        tail = len(lease.tail.tokens) if lease.tail is not None else 0
+        return len(lease.chain) * self.block_size + tail
+
+    # -- checkout
+
+    async def _checkout(self, message: Checkout) -> Prefix:
+        if self._layout is None:
+            return NO_PREFIX  # a model whose cache troupe cannot cut into blocks
+        pool, size, prompt = self.pool, self.block_size, message.prompt
+        limit = len(prompt) - 1  # at least one token must be new
+        ids = block_ids(self._hash_key, prompt, size, count=limit // size)
+        known: list[Block] = []
+        for block_id in ids:
+            block = pool.blocks.get(block_id)
+            if block is None or (block.data is None and block.file is None):
+                break
+            known.append(block)
+        lease = pool.lease(message.agent_id)
+        tail = lease.tail
+        start = len(known) * size
+        tail_tokens = 0
+        if tail is not None and lease.chain == [b.block_id for b in known]:
+            # The tail follows the chain it was cut with, and only that one.
+            tail_tokens = _common_prefix(tail.tokens, prompt[start:limit])
+        if not tail_tokens:
+            tail = None
+        # Pinned before any await: eviction must not take them while restores run.
+        for block in known:
+            block.pins += 1
+        if tail is not None:
+            tail.pins += 1
+        matched, tail = await self._restore(message.agent_id, known, tail)
+        for block in known[len(matched) :]:
+            block.pins -= 1
+        if tail is None:
+            tail_tokens = 0
+        held = 0
+        while held < min(len(lease.chain), len(ids)) and lease.chain[held] == ids[held]:
+            held += 1
+        if held > len(matched):
+            self.rebuilds += 1  # the agent's own blocks were lost: prefilled again
+        pool.touch(matched, tail)
+        if not matched and tail is None:
+            return NO_PREFIX
+        cached = CachedPrefix([b.data for b in matched if b.data is not None],
+                              tail.data if tail else None, tail_tokens)
+        return Prefix(len(matched) * size + tail_tokens, cached, tuple(matched), tail)
+
+    async def _restore(
+        self, agent_id: str, blocks: list[Block], tail: Tail | None
+    ) -> tuple[list[Block], Tail | None]:
+        """Bring ``blocks`` (then ``tail``) into memory; returns the run of them that made
+        it. A damaged or missing file ends the run: from there the turn prefills, and a
+        pinned item that did not make it is unpinned."""
+        cold: list[Block | Tail] = [b for b in blocks if b.data is None]
+        if tail is not None and tail.data is None:
+            cold.append(tail)
+        if not cold:
+            return blocks, tail
+        assert self._layout is not None
+        directory, layout, size = self._kv_dir, self._layout, self.block_size
+        loaded: list[bytes] = []
+        failure: StoreError | None = None
+
+        def read_all() -> None:
+            nonlocal failure
+            for item in cold:
+                assert item.file is not None
+                try:
+                    loaded.append(read_kv(directory, item.file))
+                except StoreError as exc:
+                    failure = exc
+                    return
+
+        await anyio.to_thread.run_sync(read_all)
+        if loaded:
+            self.caches_loaded += 1
+            counts = [size if isinstance(i, Block) else len(i.tokens) for i in cold]
+            datas = await self._engine.run(
+                lambda: [layout.from_bytes(d, n) for d, n in zip(loaded, counts, strict=False)]
+            )
+            for item, data, raw in zip(cold, datas, loaded, strict=False):
+                if isinstance(item, Block):
+                    self.pool.load(item, data)
+                else:
+                    self.pool.load_tail(item, data)
+                self.restores += 1
+                self.bytes_read += len(raw)
+        if failure is None:
+            return blocks, tail
+        bad = cold[len(loaded)]
+        logger.warning("agent %r: %s; its context is prefilled from there", agent_id, failure)
+        if tail is not None:
+            tail.pins -= 1
+        if isinstance(bad, Tail):
+            await self._forget_tail(agent_id)
+            return blocks, None
+        await self._forget_block(bad)
+        return blocks[: blocks.index(bad)], None
+
+    async def _forget_block(self, block: Block) -> None:
+        if self._catalog is not None and self._sqlite is not None and block.file is not None:
+            name = block.file.name
+            try:
+                await self._sqlite.run(self._catalog.forget_block, block.block_id)
+            except StoreError as exc:
+                logger.warning("%s", exc)
+            await anyio.to_thread.run_sync(_remove, self._kv_dir / name)
+        self.pool.drop(block)
+
+    async def _forget_tail(self, agent_id: str) -> None:
+        lease = self.pool.lease(agent_id)
+        if lease.tail is None:
             return
-        assert self._sqlite is not None
-        await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system)
+        file = lease.tail.file
+        self.pool.set_tail(lease, None)
+        if self._catalog is not None and self._sqlite is not None and file is not None:
+            try:
+                await self._sqlite.run(self._catalog.forget_tail, agent_id)
+            except StoreError as exc:
+                logger.warning("%s", exc)
+            await anyio.to_thread.run_sync(_remove, self._kv_dir / file.name)
 
-    def _file_name(self, agent_id: str, turns: int) -> str:
-        digest = hashlib.sha256(agent_id.encode()).hexdigest()[:20]
-        return f"{digest}-{turns:07d}.safetensors"
+    # -- commit
 
-    async def _commit(self, message: CommitTurn) -> KVRecord | None:
-        if self._catalog is None or self.root is None:
-            return None
+    async def _commit(self, message: Commit) -> int:
+        pool, size = self.pool, self.block_size
+        for block in message.prefix.pinned:
+            block.pins -= 1
+        if message.prefix.pinned_tail is not None:
+            message.prefix.pinned_tail.pins -= 1
+        lease = pool.lease(message.agent_id)
+        old_tail = lease.tail.file if lease.tail is not None else None
+        chain: list[bytes] | None = None
+        views: dict[bytes, list[memoryview]] = {}
+        released: list[Block] = []
+        kv = message.kv
+        if kv is not None:
+            chain = block_ids(self._hash_key, kv.tokens, size)
+            for j, (data, view) in enumerate(zip(kv.blocks, kv.views, strict=True)):
+                block = pool.add(chain[kv.first_block + j], kv.first_block + j, data)
+                views[block.block_id] = view
+            tail = None
+            if kv.tail is not None:
+                tail = Tail(kv.tokens[len(chain) * size :], kv.tail, _nbytes(kv.tail))
+            pool.set_tail(lease, tail)
+            released = pool.set_chain(lease, chain)
+            pool.touch([pool.blocks[b] for b in chain], tail)
+        try:
+            if self._catalog is not None:
+                await self._persist(message, lease, chain, views, kv, released)
+                if chain is not None and old_tail is not None:
+                    await anyio.to_thread.run_sync(_remove, self._kv_dir / old_tail.name)
+        finally:
+            for block in released:
+                if block.refs == 0:
+                    pool.release(block)
+            pool.evict()
+        return self.covered(message.agent_id)
+
+    async def _persist(
+        self,
+        message: Commit,
+        lease: Lease,
+        chain: list[bytes] | None,
+        views: dict[bytes, list[memoryview]],
+        kv: CutKV | None,
+        released: list[Block],
+    ) -> None:
+        assert self._catalog is not None
         assert self._sqlite is not None
-        # No new cache: the file on record (if any) and the history it covers stand.
-        record = message.previous
-        history: tuple[int, ...] | None = None
-        if message.cache is not None:
-            record, history = None, ()
-            if message.history and self._info.persistable_cache:
-                record = await self._save(message)
-                if record is not None:
-                    history = message.history
+        written: list[tuple[bytes, KVFile]] = []
+        stored = chain
+        tail: TailRecord | None = None
+        if chain is not None:
+            stored, written = await self._write_chain(message.agent_id, chain, views)
+            if (stored == chain and lease.tail is not None and kv is not None
+                    and kv.tail_views is not None):
+                file = await self._write(message.agent_id, tail_file_name(message.agent_id),
+                                         kv.tail_views)
+                if file is not None:
+                    lease.tail.file = file
+                    tail = TailRecord(lease.tail.tokens, file)
+        dead = [b for b in released if b.refs == 0 and b.file is not None]
         try:
             await self._sqlite.run(
-                self._catalog.commit_turn, message.agent_id, message.first_seq,
-                message.messages, message.turns, history,
-                record.name if record else None, record.checksum if record else None,
+                self._catalog.commit, message.agent_id, message.first_seq, message.messages,
+                message.turns, stored, tail, written, [b.block_id for b in dead],
             )
         except BaseException:
-            if record is not None and record != message.previous:
-                await anyio.to_thread.run_sync(_remove, self.root / "kv" / record.name)
+            if tail is not None:
+                await anyio.to_thread.run_sync(_remove, self._kv_dir / tail.file.name)
+                if lease.tail is not None:
+                    lease.tail.file = None
             raise
-        if message.previous is not None and message.previous != record:
-            await anyio.to_thread.run_sync(_remove, self.root / "kv" / message.previous.name)
-        return record
+        if chain is not None and stored == chain and (lease.tail is None or tail is not None):
+            self.caches_saved += 1
+        for block in dead:
+            assert block.file is not None
+            await anyio.to_thread.run_sync(_remove, self._kv_dir / block.file.name)
 
-    async def _save(self, message: CommitTurn) -> KVRecord | None:
-        """Write the turn's cache; None if it could not be written.
-
-        The reply exists and the transcript can still be committed: a cache that cannot be
-        written costs a prefill after a reopen, so it is not worth failing the turn for.
-        """
-        assert self.root is not None
-        name = self._file_name(message.agent_id, message.turns)
-        path, cache, tokens = self.root / "kv" / name, message.cache, len(message.history)
-        assert cache is not None
+    async def _write(self, agent_id: str, name: str, view: list[memoryview]) -> KVFile | None:
+        """Write one file of KV; None if the disk refused (logged, counted)."""
         try:
-            await self._engine.run(lambda: save_cache(path, cache, tokens, cache_arrays))
-            digest = await anyio.to_thread.run_sync(checksum, path)
-        except (StoreError, OSError) as exc:
-            self.caches_unsaved += 1
-            logger.warning("agent %r: its KV cache was not saved (%s); the turn is kept, and "
-                           "after a reopen its context is prefilled again", message.agent_id, exc)
-            await anyio.to_thread.run_sync(_remove, path)
-            return None
-        self.caches_saved += 1
-        return KVRecord(name, digest)
-
-    async def _restore(self, message: RestoreCache) -> KVLayers | None:
-        if self.root is None:
-            return None
-        assert self._sqlite is not None
-        assert self._catalog is not None
-        path = self.root / "kv" / message.kv.name
-        layers = self._info.num_layers
-        try:
-            await anyio.to_thread.run_sync(verify, path, message.kv.checksum)
-            cache = await self._engine.run(
-                lambda: load_cache(path, layers, message.tokens, cache_from_arrays)
-            )
+            file = await anyio.to_thread.run_sync(write_kv, self._kv_dir, name, view)
         except StoreError as exc:
-            logger.warning("agent %r: %s; its context will be prefilled again",
-                           message.agent_id, exc)
-            try:
-                await self._sqlite.run(self._catalog.drop_cache, message.agent_id)
-            except StoreError as drop:
-                # The agent's next commit replaces the record; until then, nothing is lost.
-                logger.warning("agent %r: %s", message.agent_id, drop)
-            await anyio.to_thread.run_sync(_remove, path)
+            self.caches_unsaved += 1
+            logger.warning("agent %r: KV not saved (%s); the turn is kept, and after a reopen "
+                           "those tokens are prefilled again", agent_id, exc)
             return None
-        self.caches_loaded += 1
-        return cache
+        self.bytes_written += file.nbytes
+        return file
+
+    async def _write_chain(
+        self, agent_id: str, chain: list[bytes], views: dict[bytes, list[memoryview]]
+    ) -> tuple[list[bytes], list[tuple[bytes, KVFile]]]:
+        """Write the chain's blocks that are not on disk yet; returns the part of the chain
+        now on disk and the files written. A write that fails ends the stored chain there
+        (those tokens are prefilled after a reopen) but not the turn."""
+        pool = self.pool
+        missing = [pool.blocks[b] for b in chain if pool.blocks[b].file is None]
+        need_views = [b for b in missing if b.block_id not in views and b.data is not None]
+        if need_views:
+            made = await self._engine.run(
+                lambda: [block_bytes(b.data) for b in need_views if b.data is not None]
+            )
+            views.update({b.block_id: v for b, v in zip(need_views, made, strict=True)})
+        written: list[tuple[bytes, KVFile]] = []
+        for block in missing:
+            view = views.get(block.block_id)
+            if view is None:
+                break
+            file = await self._write(agent_id, block_file_name(block.block_id), view)
+            if file is None:
+                break
+            block.file = file
+            written.append((block.block_id, file))
+        stored: list[bytes] = []
+        for block_id in chain:
+            if pool.blocks[block_id].file is None:
+                break
+            stored.append(block_id)
+        return stored, written
+
+
+def _nbytes(block: Any) -> int:
+    return sum(int(k.nbytes) + int(v.nbytes) for k, v in block)
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

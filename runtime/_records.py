@@ -141,9 +141,25 @@ class RuntimeStatistics:
     decode_seconds: float
     prefill_seconds: float
     caches_saved: int
+    """Turns whose new KV blocks were all written to the store."""
     caches_loaded: int
+    """Turns that restored KV blocks from the store's disk."""
     caches_unsaved: int
-    """Turns kept although their KV cache could not be written (a reopen re-prefills)."""
+    """Turns kept although their KV blocks could not all be written (a reopen re-prefills)."""
+    kv_budget: int
+    """Bytes of KV that idle agents and shared blocks may hold in memory."""
+    kv_hot_bytes: int
+    blocks_in_memory: int
+    blocks_on_disk: int
+    blocks_shared: int
+    """Blocks held by more than one agent's chain."""
+    evictions: int
+    restores: int
+    """Blocks loaded from disk."""
+    rebuilds: int
+    """Turns that prefilled again KV an agent had held (evicted with no copy, or damaged)."""
+    store_bytes_written: int
+    store_bytes_read: int
 
 
 @attrs.define

@@ -15,15 +15,18 @@ from ._actor import Actor
 from ._embedded import SHAPES, embedded_model_path
 from ._errors import AgentExistsError, AgentNotFoundError, ModelLoadError, RuntimeClosedError
 from ._records import Message, RuntimeStatistics, TurnCounters
-from ._validate import check_id, check_str
+from ._validate import check_id, check_str, parse_bytes
 from .actors._agent import Agent, AgentActor, AgentState, Services, chat_messages
 from .actors._engine import Engine
 from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
 from .actors._scheduler import Scheduler
 from .actors._storage import AddAgent, Storage
+from .storage._blocks import DEFAULT_BLOCK_SIZE
 
 logger = logging.getLogger("troupe")
+
+DEFAULT_KV_BUDGET = "1GiB"
 
 def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
     """Where the model comes from; the returned function runs on the engine thread."""
@@ -149,6 +152,7 @@ class Runtime:
         """An immutable snapshot of the runtime's counters."""
         c = self._services.counters
         e = self._engine.counters
+        pool = self._storage.pool
         return RuntimeStatistics(
             agents=len(self._agents),
             turns_in_flight=self._scheduler.in_flight,
@@ -165,6 +169,16 @@ class Runtime:
             caches_saved=self._storage.caches_saved,
             caches_loaded=self._storage.caches_loaded,
             caches_unsaved=self._storage.caches_unsaved,
+            kv_budget=pool.budget,
+            kv_hot_bytes=pool.hot_bytes,
+            blocks_in_memory=pool.in_memory(),
+            blocks_on_disk=pool.on_disk(),
+            blocks_shared=pool.shared(),
+            evictions=pool.evictions,
+            restores=self._storage.restores,
+            rebuilds=self._storage.rebuilds,
+            store_bytes_written=self._storage.bytes_written,
+            store_bytes_read=self._storage.bytes_read,
         )
 
     async def _shutdown(self) -> None:
@@ -190,6 +204,8 @@ async def open_runtime(
     max_batch_size: int = 32,
     prefill_step_size: int = 512,
     mailbox_size: int = 16,
+    kv_budget: int | str = DEFAULT_KV_BUDGET,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> AsyncIterator[Runtime]:
     """Open a runtime for the duration of an ``async with`` block (trio or asyncio).
 
@@ -205,6 +221,11 @@ async def open_runtime(
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
     if mailbox_size < 1:
         raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size}")
+    budget = parse_bytes(kv_budget, "kv_budget")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if not 16 <= block_size <= 4096:
+        raise ValueError(f"block_size must be in [16, 4096], got {block_size}")
     source = _model_source(model)
     root = _store_root(store)
     engine = Engine(source, max_batch_size=max_batch_size, prefill_step_size=prefill_step_size)
@@ -217,7 +238,8 @@ async def open_runtime(
                 with anyio.CancelScope(shield=True):
                     await engine.stop()
                 raise
-            storage = Storage(root, engine, info, mailbox_size)
+            storage = Storage(root, engine, info, engine.model.layout, mailbox_size,
+                              budget=budget, block_size=block_size)
             try:
                 records = await storage.open()
             except BaseException:

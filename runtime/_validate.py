@@ -47,3 +47,24 @@ def check_id(value: object) -> str:
             f"got {agent_id!r}"
         )
     return agent_id
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: object, what: str) -> int:
+    """A byte count: an int, or a string such as "512MB", "1.5GiB" or "64 MiB"."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"{what} must be an int or a string like '512MB', got {value!r}")
+    if isinstance(value, int):
+        count = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        unit = match.group(2).upper() if match else ""
+        if match is None or unit not in _UNITS:
+            raise ValueError(f"{what} must look like '512MB' or '1GiB', got {value!r}")
+        count = int(float(match.group(1)) * _UNITS[unit])
+    if count < 0:
+        raise ValueError(f"{what} must be >= 0, got {value!r}")
+    return count

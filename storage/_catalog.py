@@ -1,4 +1,4 @@
-"""The SQLite catalog: agents, transcripts, token histories and where each cache lives.
+"""The SQLite catalog: agents, transcripts, each agent's chain of KV blocks, the blocks.
 
 Asyncio code (aiosqlite); the storage actor runs it on its private asyncio loop. Every
 turn is one transaction, so a reader sees a turn wholly or not at all.
@@ -20,9 +20,10 @@ import aiosqlite
 import attrs
 
 from .._errors import AgentExistsError, StoreError
+from ._blocks import KVFile, block_file_name
 from ._faults import store_error
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 logger = logging.getLogger("troupe")
 
@@ -33,9 +34,11 @@ CREATE TABLE IF NOT EXISTS agents (
     system TEXT NOT NULL,
     created REAL NOT NULL,
     turns INTEGER NOT NULL DEFAULT 0,
-    history BLOB NOT NULL DEFAULT x'',
-    kv_file TEXT,
-    kv_checksum TEXT
+    chain BLOB NOT NULL DEFAULT x'',
+    tail BLOB NOT NULL DEFAULT x'',
+    tail_file TEXT,
+    tail_nbytes INTEGER,
+    tail_checksum TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     agent_id TEXT NOT NULL REFERENCES agents(id),
@@ -44,30 +47,53 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     PRIMARY KEY (agent_id, seq)
 );
+CREATE TABLE IF NOT EXISTS blocks (
+    id BLOB PRIMARY KEY,
+    nbytes INTEGER NOT NULL,
+    checksum TEXT NOT NULL
+);
 """
 
-
-def pack_tokens(tokens: list[int] | tuple[int, ...]) -> bytes:
-    return array.array("I", tokens).tobytes()
+ID_BYTES = 16
 
 
-def unpack_tokens(blob: bytes) -> list[int]:
-    values = array.array("I")
-    values.frombytes(blob)
-    return values.tolist()
+def pack_chain(chain: list[bytes]) -> bytes:
+    return b"".join(chain)
+
+
+def unpack_chain(blob: bytes) -> list[bytes]:
+    return [blob[i : i + ID_BYTES] for i in range(0, len(blob), ID_BYTES)]
+
+
+@attrs.frozen
+class TailRecord:
+    """An agent's partial last block on disk: its tokens and its file."""
+
+    tokens: tuple[int, ...]
+    file: KVFile
 
 
 @attrs.frozen
 class AgentRecord:
-    """An agent as the catalog has it."""
+    """An agent as the catalog has it: ``chain`` lists the ids of its KV blocks on disk,
+    ``tail`` the KV of the tokens after them (None if not on disk)."""
 
     agent_id: str
     system: str
     turns: int
     messages: tuple[tuple[str, str], ...]
-    history: tuple[int, ...]
-    kv_file: str | None
-    kv_checksum: str | None
+    chain: tuple[bytes, ...]
+    tail: TailRecord | None
+
+
+def pack_tokens(tokens: tuple[int, ...]) -> bytes:
+    return array.array("I", tokens).tobytes()
+
+
+def unpack_tokens(blob: bytes) -> tuple[int, ...]:
+    values = array.array("I")
+    values.frombytes(blob)
+    return tuple(values)
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -85,7 +111,9 @@ class Catalog:
     """The catalog of one store. Open with ``await Catalog.open(path, model_key)``.
 
     Every method turns a SQLite failure into StoreError (a full disk says so) and leaves
-    no transaction open, so the next call works once the cause is gone.
+    no transaction open, so the next call works once the cause is gone. A block row is
+    written only after its file is whole on disk, in the transaction that first puts it
+    in a chain, so no row ever points at a missing or partial file.
     """
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
@@ -123,11 +151,12 @@ class Catalog:
             await db.executescript(_SCHEMA)
             rows = {k: v for k, v in await db.execute_fetchall("SELECT key, value FROM meta")}
             version = int(rows.get("schema", SCHEMA_VERSION))
-            if version == 1:
-                # Version 1 kept no checksums: its cache files cannot be verified, so they
-                # are dropped (a re-prefill each) and the transcripts kept.
-                await db.execute("ALTER TABLE agents ADD COLUMN kv_checksum TEXT")
-                await db.execute("UPDATE agents SET history = x'', kv_file = NULL")
+            if version in (1, 2):
+                # Whole-cache files of earlier versions are dropped (a re-prefill each; the
+                # files go as orphans); transcripts are kept.
+                for column in ("chain BLOB NOT NULL DEFAULT x''", "tail BLOB NOT NULL DEFAULT x''",
+                               "tail_file TEXT", "tail_nbytes INTEGER", "tail_checksum TEXT"):
+                    await db.execute(f"ALTER TABLE agents ADD COLUMN {column}")
             elif version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self._path} has schema {version}; this troupe reads {SCHEMA_VERSION}"
@@ -138,17 +167,25 @@ class Catalog:
                 (str(SCHEMA_VERSION), model_key),
             )
             if not fits:
-                # Caches of another model are useless here; transcripts still hold.
-                await db.execute(
-                    "UPDATE agents SET history = x'', kv_file = NULL, kv_checksum = NULL"
-                )
+                # Blocks of another model are useless here; transcripts still hold.
+                await db.execute("UPDATE agents SET chain = x'', tail = x'', tail_file = NULL")
+            # Blocks no chain holds (their last holder moved on just before a crash).
+            held = {
+                block_id
+                for (blob,) in await db.execute_fetchall("SELECT chain FROM agents")
+                for block_id in unpack_chain(blob)
+            }
+            stored = {r[0] for r in await db.execute_fetchall("SELECT id FROM blocks")}
+            await db.executemany(
+                "DELETE FROM blocks WHERE id = ?", [(b,) for b in stored - held]
+            )
         return fits
 
     async def load_agents(self) -> list[AgentRecord]:
         async with self._transaction("read the catalog") as db:
             agents = await db.execute_fetchall(
-                "SELECT id, system, turns, history, kv_file, kv_checksum FROM agents "
-                "ORDER BY created, id"
+                "SELECT id, system, turns, chain, tail, tail_file, tail_nbytes, tail_checksum "
+                "FROM agents ORDER BY created, id"
             )
             messages: dict[str, list[tuple[str, str]]] = {}
             for agent_id, role, content in await db.execute_fetchall(
@@ -156,9 +193,17 @@ class Catalog:
             ):
                 messages.setdefault(agent_id, []).append((role, content))
         return [
-            AgentRecord(a, s, t, tuple(messages.get(a, ())), tuple(unpack_tokens(h)), f, c)
-            for a, s, t, h, f, c in agents
+            AgentRecord(
+                a, s, t, tuple(messages.get(a, ())), tuple(unpack_chain(c)),
+                TailRecord(unpack_tokens(tt), KVFile(tf, tn, tc)) if tf else None,
+            )
+            for a, s, t, c, tt, tf, tn, tc in agents
         ]
+
+    async def load_blocks(self) -> dict[bytes, KVFile]:
+        async with self._transaction("read the catalog") as db:
+            rows = await db.execute_fetchall("SELECT id, nbytes, checksum FROM blocks")
+        return {bytes(i): KVFile(block_file_name(bytes(i)), n, c) for i, n, c in rows}
 
     async def add_agent(self, agent_id: str, system: str) -> None:
         """AgentExistsError if the store has an agent of this id."""
@@ -173,47 +218,52 @@ class Catalog:
                 raise AgentExistsError(f"agent {agent_id!r} exists in the store") from None
             raise
 
-    async def commit_turn(
+    async def commit(
         self,
         agent_id: str,
         first_seq: int,
         new_messages: list[tuple[str, str]],
         turns: int,
-        history: tuple[int, ...] | None,
-        kv_file: str | None,
-        kv_checksum: str | None,
+        chain: list[bytes] | None,
+        tail: TailRecord | None,
+        new_blocks: list[tuple[bytes, KVFile]],
+        dead_blocks: list[bytes],
     ) -> None:
-        """Append messages and set the agent's history and cache file, in one transaction.
-
-        ``history`` None leaves the cache on record as it is.
-        """
+        """One transaction: append messages, record the agent's chain and tail (chain
+        None: both unchanged) with the rows of its new blocks, and delete the rows of
+        blocks nobody holds."""
         async with self._transaction(f"commit a turn of {agent_id!r} to") as db:
+            await db.executemany(
+                "INSERT OR IGNORE INTO blocks (id, nbytes, checksum) VALUES (?, ?, ?)",
+                [(block_id, f.nbytes, f.checksum) for block_id, f in new_blocks],
+            )
             await db.executemany(
                 "INSERT INTO messages (agent_id, seq, role, content) VALUES (?, ?, ?, ?)",
                 [(agent_id, first_seq + i, r, c) for i, (r, c) in enumerate(new_messages)],
             )
-            if history is None:
+            if chain is None:
                 await db.execute("UPDATE agents SET turns = ? WHERE id = ?", (turns, agent_id))
             else:
                 await db.execute(
-                    "UPDATE agents SET turns = ?, history = ?, kv_file = ?, kv_checksum = ? "
-                    "WHERE id = ?",
-                    (turns, pack_tokens(history), kv_file, kv_checksum, agent_id),
+                    "UPDATE agents SET turns = ?, chain = ?, tail = ?, tail_file = ?, "
+                    "tail_nbytes = ?, tail_checksum = ? WHERE id = ?",
+                    (turns, pack_chain(chain), pack_tokens(tail.tokens) if tail else b"",
+                     tail.file.name if tail else None, tail.file.nbytes if tail else None,
+                     tail.file.checksum if tail else None, agent_id),
                 )
+            await db.executemany("DELETE FROM blocks WHERE id = ?", [(b,) for b in dead_blocks])
 
-    async def drop_cache(self, agent_id: str) -> None:
-        async with self._transaction(f"drop the cache of {agent_id!r} from") as db:
+    async def forget_block(self, block_id: bytes) -> None:
+        """Delete a damaged block's row (chains keep its id; a rebuild writes it again)."""
+        async with self._transaction("drop a damaged block from") as db:
+            await db.execute("DELETE FROM blocks WHERE id = ?", (block_id,))
+
+    async def forget_tail(self, agent_id: str) -> None:
+        """Drop an agent's damaged tail from the record."""
+        async with self._transaction("drop a damaged tail from") as db:
             await db.execute(
-                "UPDATE agents SET history = x'', kv_file = NULL, kv_checksum = NULL "
-                "WHERE id = ?", (agent_id,)
+                "UPDATE agents SET tail = x'', tail_file = NULL WHERE id = ?", (agent_id,)
             )
-
-    async def kv_files(self) -> set[str]:
-        async with self._transaction("read the catalog") as db:
-            rows = await db.execute_fetchall(
-                "SELECT kv_file FROM agents WHERE kv_file IS NOT NULL"
-            )
-        return {r[0] for r in rows}
 
     async def close(self) -> None:
         # aiosqlite stops its worker thread on close but does not join it; we promise

@@ -16,14 +16,16 @@ import pytest
 
 import troupe
 from conftest import TINY, SmallDisk
-from troupe.storage._kvfile import checksum, verify
+from troupe.storage._blocks import KVFile, payload_checksum, read_kv
 
 SYSTEM = "You are Alice, the town baker."
 
 
-def _kv_name(agent_id: str, turns: int) -> str:
-    """The name troupe gives the cache file an agent writes at its ``turns``-th turn."""
-    return f"{hashlib.sha256(agent_id.encode()).hexdigest()[:20]}-{turns:07d}.safetensors"
+def _tail_file(store: Path, agent_id: str) -> Path:
+    """The file holding ``agent_id``'s partial last block (named after the agent)."""
+    prefix = hashlib.sha256(agent_id.encode()).hexdigest()[:20]
+    [path] = (store / "kv").glob(f"{prefix}-*.kvt")
+    return path
 
 
 async def test_a_full_disk_fails_each_request_and_heals_when_space_returns(
@@ -83,23 +85,24 @@ async def test_a_cache_that_cannot_be_written_keeps_the_turn(store: Path) -> Non
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         alice = await rt.spawn("alice", system=SYSTEM)
         await alice.say("One", max_tokens=8)
-        # A directory where the second turn's cache file must go: the write fails.
-        (store / "kv" / _kv_name("alice", 2)).mkdir()
+        # A file where the kv/ folder must be: every KV write of the turn fails.
+        shutil.rmtree(store / "kv")
+        (store / "kv").write_text("in the way")
         second = await alice.say("Two", max_tokens=8)
         assert second.tokens == expected[1].tokens
         assert len(alice.transcript()) == 4
         stats = rt.statistics()
         assert (stats.caches_saved, stats.caches_unsaved) == (1, 1)
-        third = await alice.say("Three", max_tokens=8)  # the cache in memory still serves
+        (store / "kv").unlink()
+        third = await alice.say("Three", max_tokens=8)  # the KV in memory still serves
         assert third.cached_tokens == expected[2].cached_tokens
+        assert rt.statistics().caches_saved == 2  # and the store heals on its own
         transcript = alice.transcript()
-    # The stray directory does not stop the store from opening, and is left alone.
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         alice = await rt.get("alice")
         assert alice.transcript() == transcript
         fourth = await alice.say("Four", max_tokens=4)
     assert fourth.cached_tokens > third.cached_tokens
-    assert (store / "kv" / _kv_name("alice", 2)).is_dir()
 
 
 async def test_stray_entries_in_the_kv_folder_are_skipped(store: Path) -> None:
@@ -118,7 +121,7 @@ async def test_stray_entries_in_the_kv_folder_are_skipped(store: Path) -> None:
 async def test_a_cache_file_replaced_by_a_directory_costs_a_prefill(store: Path) -> None:
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         await (await rt.spawn("alice", system=SYSTEM)).say("Hello", max_tokens=4)
-    kv = store / "kv" / _kv_name("alice", 1)
+    kv = _tail_file(store, "alice")
     kv.unlink()
     kv.mkdir()
     async with troupe.open_runtime(model=TINY, store=store) as rt:
@@ -135,7 +138,7 @@ async def test_a_vanished_kv_folder_is_made_again_on_the_next_write(store: Path)
         await alice.say("Hello", max_tokens=4)
         shutil.rmtree(store / "kv")
         await alice.say("Still there?", max_tokens=4)
-        assert (store / "kv" / _kv_name("alice", 2)).is_file()
+        assert _tail_file(store, "alice").is_file()
         assert rt.statistics().caches_unsaved == 0
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         reply = await (await rt.get("alice")).say("And now?", max_tokens=4)
@@ -187,16 +190,17 @@ async def test_damaged_cache_files_are_detected(store: Path) -> None:
         for name in references:
             agent = await rt.spawn(name, system=f"You are {name.upper()}.")
             await agent.say("Hello there", max_tokens=8)
-    files = {name: store / "kv" / _kv_name(name, 1) for name in references}
+    files = {name: _tail_file(store, name) for name in references}
     clean = {name: path.read_bytes() for name, path in files.items()}
     assert len(clean["a"]) == len(clean["d"]), "the swap below needs files of one length"
 
     # Any of 32 random overwrites of one file is caught by the checksum.
-    recorded = checksum(files["a"])
+    recorded = KVFile(files["a"].name, len(clean["a"]), payload_checksum([clean["a"]]))
+    assert read_kv(files["a"].parent, recorded) == clean["a"]
     for damaged in _corruptions(clean["a"], random.Random(7)):
         files["a"].write_bytes(damaged)
         with pytest.raises(troupe.StoreError, match="damaged"):
-            verify(files["a"], recorded)
+            read_kv(files["a"].parent, recorded)
 
     # End to end: overwritten in the middle, zeroed, an inf in a tensor, another agent's
     # file of the same length. Each costs a prefill, and the reply is what it should be.

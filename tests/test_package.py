@@ -29,7 +29,8 @@ def test_public_names_are_pinned() -> None:
         "__version__", "make_model", "open_runtime",
     ])
     assert sorted(troupe.actors.__all__) == ["Agent", "ModelInfo", "ReplyStream"]
-    assert sorted(troupe.storage.__all__) == ["AgentRecord", "KV_FORMAT", "SCHEMA_VERSION"]
+    assert sorted(troupe.storage.__all__) == [
+        "AgentRecord", "DEFAULT_BLOCK_SIZE", "KV_FORMAT", "SCHEMA_VERSION"]
     for name in troupe.__all__:
         assert getattr(troupe, name) is not None
     errors = [getattr(troupe, n) for n in troupe.__all__ if n.endswith("Error")]

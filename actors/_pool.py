@@ -1,0 +1,185 @@
+"""The block pool: every KV block and tail in memory, their leases, pins and the budget.
+
+Owned by the storage actor and touched only from its task. Blocks are immutable and
+shared: an agent's lease is a chain of block ids plus a partial tail of its own. Turns pin
+the blocks they run with; everything unpinned may be evicted when the hot bytes pass the
+budget, least recently used first and, within one agent's chain, from its end backwards
+(a chain's later blocks are useless without its earlier ones).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+import attrs
+
+from ..storage._blocks import KVFile
+from ._mlx import KVBlock, block_nbytes
+
+
+@attrs.define(eq=False)
+class Block:
+    block_id: bytes
+    position: int
+    data: KVBlock | None
+    nbytes: int
+    file: KVFile | None = None
+    refs: int = 0
+    pins: int = 0
+    used: int = 0
+
+
+@attrs.define(eq=False)
+class Tail:
+    """An agent's partial last block: its own, never shared."""
+
+    tokens: tuple[int, ...]
+    data: KVBlock | None
+    nbytes: int
+    file: KVFile | None = None
+    used: int = 0
+    pins: int = 0
+
+
+@attrs.define(eq=False)
+class Lease:
+    """What one agent holds: its chain of full blocks and its own partial tail."""
+
+    chain: list[bytes] = attrs.field(factory=list)
+    tail: Tail | None = None
+
+
+class BlockPool:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.blocks: dict[bytes, Block] = {}
+        self.leases: dict[str, Lease] = {}
+        self.hot_bytes = 0
+        self.evictions = 0
+        self._clock = itertools.count(1)
+
+    def tick(self) -> int:
+        return next(self._clock)
+
+    def lease(self, agent_id: str) -> Lease:
+        return self.leases.setdefault(agent_id, Lease())
+
+    def in_memory(self) -> int:
+        return sum(1 for b in self.blocks.values() if b.data is not None)
+
+    def on_disk(self) -> int:
+        return sum(1 for b in self.blocks.values() if b.file is not None)
+
+    def shared(self) -> int:
+        return sum(1 for b in self.blocks.values() if b.refs > 1)
+
+    def add(self, block_id: bytes, position: int, data: KVBlock) -> Block:
+        """Register a block computed by a turn; an existing one of that id wins (one copy)."""
+        block = self.blocks.get(block_id)
+        if block is None:
+            block = Block(block_id, position, data, block_nbytes(data))
+            self.blocks[block_id] = block
+            self.hot_bytes += block.nbytes
+        else:
+            self.load(block, data)
+        return block
+
+    def load(self, block: Block, data: KVBlock) -> None:
+        if block.data is None:
+            block.data, block.nbytes = data, block_nbytes(data)
+            self.hot_bytes += block.nbytes
+
+    def set_tail(self, lease: Lease, tail: Tail | None) -> None:
+        if lease.tail is not None and lease.tail.data is not None:
+            self.hot_bytes -= lease.tail.nbytes
+        lease.tail = tail
+        if tail is not None and tail.data is not None:
+            self.hot_bytes += tail.nbytes
+
+    def load_tail(self, tail: Tail, data: KVBlock) -> None:
+        if tail.data is None:
+            tail.data, tail.nbytes = data, block_nbytes(data)
+            self.hot_bytes += tail.nbytes
+
+    def drop_tail(self, lease: Lease) -> None:
+        """The tail leaves memory: it stays on disk if it is there, else it is gone."""
+        tail = lease.tail
+        if tail is None:
+            return
+        if tail.file is None:
+            self.set_tail(lease, None)
+        elif tail.data is not None:
+            self.hot_bytes -= tail.nbytes
+            tail.data = None
+
+    def set_chain(self, lease: Lease, chain: list[bytes]) -> list[Block]:
+        """Point the lease at ``chain``; returns blocks no lease refers to any more."""
+        for position, block_id in enumerate(chain):
+            self.blocks.setdefault(block_id, Block(block_id, position, None, 0)).refs += 1
+        released: list[Block] = []
+        for block_id in lease.chain:
+            block = self.blocks.get(block_id)
+            if block is not None:
+                block.refs -= 1
+                if block.refs == 0:
+                    released.append(block)
+        lease.chain = list(chain)
+        return released
+
+    def drop(self, block: Block) -> None:
+        """Drop a block from every tier (damaged, or evicted with no copy on disk).
+
+        Chains that hold it keep the id: a turn that needs it prefills it again, and the
+        rebuilt block, having the same id, takes its place.
+        """
+        if block.data is not None:
+            self.hot_bytes -= block.nbytes
+            block.data = None
+        block.file = None
+        if block.refs == 0 and self.blocks.get(block.block_id) is block:
+            del self.blocks[block.block_id]
+
+    def release(self, block: Block) -> None:
+        """A block no chain holds: kept in memory as a cache, but off disk."""
+        block.file = None
+        if block.data is None and self.blocks.get(block.block_id) is block:
+            del self.blocks[block.block_id]
+
+    def touch(self, blocks: Iterable[Block], tail: Tail | None) -> None:
+        now = self.tick()
+        for block in blocks:
+            block.used = now
+        if tail is not None:
+            tail.used = now
+
+    def evict(self) -> None:
+        """Drop unpinned KV from memory until the hot bytes fit the budget.
+
+        A block on disk just leaves memory; one that is not is gone, and the agents
+        whose chains held it prefill those tokens again on their next turn.
+        """
+        if self.hot_bytes <= self.budget:
+            return
+        candidates: list[tuple[int, int, Block | Tail, Lease | None]] = [
+            (b.used, -b.position, b, None)
+            for b in self.blocks.values() if b.data is not None and b.pins == 0
+        ]
+        candidates += [
+            (lease.tail.used, -(1 << 30), lease.tail, lease)
+            for lease in self.leases.values()
+            if lease.tail is not None and lease.tail.data is not None and lease.tail.pins == 0
+        ]
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        for _, _, item, lease in candidates:
+            if self.hot_bytes <= self.budget:
+                break
+            self.evictions += 1
+            if isinstance(item, Tail):
+                assert lease is not None
+                self.drop_tail(lease)
+            elif item.file is not None:
+                item.data = None
+                self.hot_bytes -= item.nbytes
+            else:
+                self.drop(item)

@@ -1,0 +1,116 @@
+"""KV blocks: their identity (a chained content hash) and their file format.
+
+A full block of ``block_size`` tokens is identified, as in vLLM, by a hash chained over
+(model identity, the parent block's id, the block's tokens): the same tokens at the same
+position under the same model are the same block, whoever computed them. Nothing here
+touches MLX: files are written and read as bytes on worker threads.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from .._errors import StoreError
+from ._faults import store_error
+
+BLOCK_FORMAT = "troupe-block/1"
+DEFAULT_BLOCK_SIZE = 128
+ROOT = b"\0" * 16
+"""The parent of a chain's first block."""
+
+
+def block_ids(
+    model_key: bytes, tokens: Sequence[int], block_size: int, *, count: int | None = None
+) -> list[bytes]:
+    """The ids of the full blocks of ``tokens`` (at most ``count`` of them)."""
+    n = len(tokens) // block_size
+    if count is not None:
+        n = min(n, count)
+    ids: list[bytes] = []
+    parent = ROOT
+    for i in range(n):
+        digest = hashlib.blake2b(parent, digest_size=16, key=model_key[:64])
+        digest.update(array.array("I", tokens[i * block_size : (i + 1) * block_size]).tobytes())
+        parent = digest.digest()
+        ids.append(parent)
+    return ids
+
+
+@attrs.frozen
+class KVFile:
+    """A file of KV bytes in the store's kv/ folder, as the catalog records it."""
+
+    name: str
+    nbytes: int
+    checksum: str
+
+
+def block_file_name(block_id: bytes) -> str:
+    return block_id.hex() + ".kvb"
+
+
+def tail_file_name(agent_id: str) -> str:
+    # A fresh name each time: a tail on record is never overwritten in place.
+    agent = hashlib.sha256(agent_id.encode()).hexdigest()[:20]
+    return f"{agent}-{secrets.token_hex(8)}.kvt"
+
+
+def payload_checksum(parts: Sequence[memoryview | bytes]) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_kv(directory: Path, name: str, parts: Sequence[memoryview]) -> KVFile:
+    """Write KV bytes (each layer's keys then values) durably; any thread.
+
+    Written to a temporary name, fsynced, renamed: a reader sees a whole file or none.
+    StoreError if the disk refuses (nothing is left behind). Makes the folder if it
+    vanished.
+    """
+    record = KVFile(name, sum(p.nbytes for p in parts), payload_checksum(parts))
+    path = directory / name
+    staging = path.with_suffix(".partial")
+    try:
+        directory.mkdir(exist_ok=True)
+        with open(staging, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+        _fsync_dir(directory)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
+        raise store_error(path, "write the KV file", exc) from exc
+    return record
+
+
+def read_kv(directory: Path, record: KVFile) -> bytes:
+    """A file's bytes, checked against the catalog's record; StoreError if not whole."""
+    path = directory / record.name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"unreadable KV file {path}: {exc}") from exc
+    if len(data) != record.nbytes or payload_checksum([data]) != record.checksum:
+        raise StoreError(f"KV file {path} is damaged (size or checksum mismatch)")
+    return data

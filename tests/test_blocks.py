@@ -1,0 +1,220 @@
+"""KV blocks: sharing, the hot budget, the disk tier, damage and crashes (tiny model)."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import subprocess
+import textwrap
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+import troupe
+from conftest import PYTHON, TINY
+from troupe.storage._blocks import KVFile, block_file_name, read_kv
+
+WORLD = "The village of Millbrook sits by a river; a storm is coming. " * 3
+ROUNDS = ["Good morning.", "What do you see?", "And now?"]
+
+
+async def _conversations(
+    agents: int, *, store: Path | None = None, **options: object
+) -> tuple[list[list[troupe.Reply]], list[troupe.RuntimeStatistics]]:
+    """Each agent answers ROUNDS in turn, all agents at once per round; greedy."""
+    replies: list[list[troupe.Reply]] = [[] for _ in range(agents)]
+    after_rounds = []
+    async with troupe.open_runtime(model=TINY, store=store, **options) as rt:  # type: ignore[arg-type]
+        crowd = [await rt.spawn(f"a{i}", system=f"{WORLD} You are villager {i}.")
+                 for i in range(agents)]
+
+        async def speak(i: int, text: str) -> None:
+            replies[i].append(await crowd[i].say(text, max_tokens=10))
+
+        for text in ROUNDS:
+            async with trio.open_nursery() as nursery:
+                for i in range(agents):
+                    nursery.start_soon(speak, i, text)
+            after_rounds.append(rt.statistics())
+    return replies, after_rounds
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+async def test_greedy_replies_are_identical_whatever_the_budget(
+    with_store: bool, tmp_path: Path
+) -> None:
+    unlimited, _ = await _conversations(6, block_size=16)
+    store = tmp_path / "store" if with_store else None
+    spilled, stats = await _conversations(6, store=store, block_size=16, kv_budget=0)
+    assert [[r.tokens for r in rs] for rs in spilled] == [
+        [r.tokens for r in rs] for rs in unlimited]
+    for snapshot in stats:
+        assert snapshot.kv_hot_bytes <= snapshot.kv_budget == 0
+        assert snapshot.evictions > 0
+    if with_store:
+        # Every block came back from disk: nothing was prefilled twice.
+        assert [[r.cached_tokens for r in rs] for rs in spilled] == [
+            [r.cached_tokens for r in rs] for rs in unlimited]
+        assert stats[-1].restores > 0
+        assert stats[-1].rebuilds == 0
+    else:
+        assert stats[-1].rebuilds > 0
+
+
+async def test_a_small_budget_holds_after_every_round(tmp_path: Path) -> None:
+    budget = 600_000  # a few agents' worth of the tiny model's KV (4 KiB a token)
+    _, stats = await _conversations(8, store=tmp_path / "store", block_size=32,
+                                    kv_budget=budget)
+    assert all(s.kv_hot_bytes <= budget for s in stats)
+    assert stats[-1].evictions > 0
+
+
+async def test_agents_with_one_system_prompt_share_its_blocks(store: Path) -> None:
+    system = WORLD * 3  # about 550 tokens: 17 blocks of 32
+    async with troupe.open_runtime(model=TINY, store=store, block_size=32) as rt:
+        first = await (await rt.spawn("first", system=system)).say("Hello", max_tokens=4)
+        files_before = {p.name for p in (store / "kv").glob("*.kvb")}
+        crowd = [await rt.spawn(f"a{i}", system=system) for i in range(49)]
+        async with trio.open_nursery() as nursery:
+            for agent in crowd:
+                nursery.start_soon(partial(agent.say, "Hello", max_tokens=4))
+        stats = rt.statistics()
+        later = await (await rt.spawn("late", system=system)).say("Hi there", max_tokens=4)
+    shared_blocks = first.prompt_tokens // 32
+    assert first.cached_tokens == 0
+    # One copy of the shared blocks, in memory and on disk.
+    assert stats.blocks_shared >= shared_blocks
+    assert {p.name for p in (store / "kv").glob("*.kvb")} >= files_before
+    assert len(files_before) == shared_blocks
+    assert stats.blocks_in_memory < 2 * shared_blocks + 50
+    # A new agent whose prompt starts the same prefills only the rest.
+    assert later.cached_tokens >= shared_blocks * 32 - 32
+    async with troupe.open_runtime(model=TINY, store=store, block_size=32) as rt:
+        again = await (await rt.spawn("after-reopen", system=system)).say("Hi", max_tokens=4)
+    assert again.cached_tokens >= shared_blocks * 32 - 32
+
+
+async def test_two_hundred_agents_go_through_a_small_budget(store: Path) -> None:
+    budget = 2_000_000
+    async with troupe.open_runtime(model=TINY, store=store, kv_budget=budget,
+                                   block_size=32, max_batch_size=32) as rt:
+        crowd = [await rt.spawn(f"v{i}", system=f"You are villager number {i}.")
+                 for i in range(200)]
+        for text in ("Hello.", "Again."):
+            async with trio.open_nursery() as nursery:
+                for agent in crowd:
+                    nursery.start_soon(partial(agent.say, text, max_tokens=4))
+            stats = rt.statistics()
+            assert stats.kv_hot_bytes <= budget
+        assert stats.turns_completed == 400
+        assert stats.evictions > 0
+        assert stats.restores > 0
+
+
+async def test_a_turn_writes_only_the_blocks_it_completed(store: Path) -> None:
+    async with troupe.open_runtime(model=TINY, store=store, block_size=32) as rt:
+        per_token = rt.model.kv_bytes_per_token
+        alice = await rt.spawn("alice", system=WORLD)
+        written = []
+        for i in range(8):
+            before = rt.statistics().store_bytes_written
+            reply = await alice.say(f"Message number {i}.", max_tokens=8)
+            new = reply.prompt_tokens + len(reply.tokens)
+            written.append((rt.statistics().store_bytes_written - before, new))
+    # New blocks plus the tail, never the whole context again.
+    for nbytes, new in written:
+        assert nbytes <= (new + 2 * 32) * per_token
+
+
+def _catalog_files(store: Path) -> list[KVFile]:
+    """Every block and tail file the catalog points at, read with plain sqlite3."""
+    with contextlib.closing(sqlite3.connect(store / "catalog.sqlite")) as db:
+        blocks = db.execute("SELECT id, nbytes, checksum FROM blocks").fetchall()
+        tails = db.execute("SELECT tail_file, tail_nbytes, tail_checksum FROM agents "
+                           "WHERE tail_file IS NOT NULL").fetchall()
+    return [KVFile(block_file_name(i), n, c) for i, n, c in blocks] + [
+        KVFile(f, n, c) for f, n, c in tails]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "deleted"])
+async def test_a_damaged_block_is_rebuilt_with_an_identical_continuation(
+    damage: str, store: Path
+) -> None:
+    async with troupe.open_runtime(model=TINY, block_size=16) as rt:
+        reference = await rt.spawn("alice", system=WORLD)
+        expected = [await reference.say(m, max_tokens=10) for m in ROUNDS]
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        alice = await rt.spawn("alice", system=WORLD)
+        for m in ROUNDS[:2]:
+            await alice.say(m, max_tokens=10)
+    blocks = sorted((store / "kv").glob("*.kvb"))
+    victim = blocks[len(blocks) // 2]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:100])
+    elif damage == "corrupted":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim.unlink()
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        third = await (await rt.get("alice")).say(ROUNDS[2], max_tokens=10)
+        stats = rt.statistics()
+    assert third.tokens == expected[2].tokens
+    assert 0 < third.cached_tokens < expected[2].cached_tokens
+    assert stats.rebuilds == 1
+    # The rebuilt block was written again, whole.
+    for file in _catalog_files(store):
+        read_kv(store / "kv", file)
+
+
+async def test_a_process_killed_mid_spill_reopens_whole(
+    store: Path, troupe_env: dict[str, str]
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import trio, troupe
+        async def main():
+            async with troupe.open_runtime(model={TINY!r}, store={str(store)!r},
+                                           kv_budget=0, block_size=16) as rt:
+                crowd = [await rt.spawn(f"a{{i}}", system="You are agent " + str(i) * 40)
+                         for i in range(6)]
+                for n in range(1000):
+                    async def one(agent, n=n):
+                        reply = await agent.say(f"message {{n}}", max_tokens=6)
+                        print("ACK", agent.id, n, flush=True)
+                    async with trio.open_nursery() as nursery:
+                        for agent in crowd:
+                            nursery.start_soon(one, agent)
+        trio.run(main)
+        """
+    )
+
+    def run_and_kill() -> list[str]:
+        process = subprocess.Popen([PYTHON, "-c", script], env=troupe_env,
+                                   stdout=subprocess.PIPE, text=True)
+        acked = []
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("ACK"):
+                acked.append(line.split(maxsplit=1)[1].strip())
+            if len(acked) == 20:  # mid-round: some turns spilling, others not begun
+                process.kill()
+                break
+        process.wait()
+        return acked
+
+    acked = await trio.to_thread.run_sync(run_and_kill)
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        for line in acked:
+            agent_id, n = line.split()
+            said = [m.content for m in (await rt.get(agent_id)).transcript() if m.role == "user"]
+            assert f"message {n}" in said
+        reply = await (await rt.get("a0")).say("After the crash.", max_tokens=4)
+    assert reply.cached_tokens > 0
+    # No catalog row points at a missing or partial block.
+    for file in _catalog_files(store):
+        read_kv(store / "kv", file)
+    assert not list((store / "kv").glob("*.partial"))

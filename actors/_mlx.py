@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -307,25 +308,22 @@ class BlockLayout:
                    len(cache), int(per_token))
 
     def from_bytes(self, data: bytes | memoryview, tokens: int) -> KVBlock:
-        """Rebuild a block from ``block_bytes`` output (engine thread)."""
+        """Rebuild a block from ``block_bytes`` output (engine thread): one copy per array."""
         dtype = getattr(mx, self.dtype)
         heads, dim = self.key_shape
-        flat = mx.array(np.frombuffer(data, dtype=np.uint8)).view(dtype)
-        key_size, value_size = heads * tokens * dim, heads * tokens * self.value_dim
-        layers: KVBlock = []
+        itemsize = dtype.size
+        shapes = [(1, heads, tokens, dim), (1, heads, tokens, self.value_dim)] * self.layers
+        sizes = [math.prod(shape) * itemsize for shape in shapes]
+        if sum(sizes) != len(data):
+            raise ValueError(f"a block of {tokens} tokens cannot be {len(data)} bytes")
+        arrays = []
         offset = 0
-        for _ in range(self.layers):
-            keys = flat[offset : offset + key_size].reshape(1, heads, tokens, dim)
-            offset += key_size
-            values = flat[offset : offset + value_size].reshape(1, heads, tokens, self.value_dim)
-            offset += value_size
-            layers.append((keys, values))
-        if offset != flat.size:
-            raise ValueError(f"a block of {tokens} tokens cannot hold {flat.size} values")
-        # Copies of their own: a slice would keep the whole file's buffer alive.
-        layers = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
-        mx.eval(layers)
-        return layers
+        for shape, size in zip(shapes, sizes, strict=True):
+            raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
+            arrays.append(mx.array(raw).view(dtype).reshape(shape))
+            offset += size
+        mx.eval(arrays)
+        return [(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
 
 
 def block_bytes(block: KVBlock) -> list[memoryview]:

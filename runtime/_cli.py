@@ -22,6 +22,7 @@ from ._errors import TroupeError
 # Static caps that catch typos before a model loads; the model's own context length is
 # checked when a turn starts (ContextLengthError, reported as one line).
 MAX_AGENTS = 1024
+MAX_SCALE_AGENTS = 100_000
 MAX_TURNS = 1000
 MAX_TOKENS = 32768
 MAX_CONTEXT = 1 << 20
@@ -43,6 +44,16 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
 
     parse.__name__ = "integer"  # what argparse names the type in its messages
     return parse
+
+
+def _budget(text: str) -> str:
+    from ._validate import parse_bytes
+
+    try:
+        parse_bytes(text, "--budget")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _temperature(text: str) -> float:
@@ -108,12 +119,26 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("directory", type=_directory)
     make.add_argument("--size", choices=["tiny", "small"], default="small")
 
-    bench = commands.add_parser("bench", help="measure batching and cache reuse (ratios)")
-    bench.add_argument("--model", default="embedded")
-    bench.add_argument("--agents", type=_int_in(1, MAX_AGENTS), default=8)
-    bench.add_argument("--max-tokens", type=_int_in(1, MAX_TOKENS), default=32)
+    bench = commands.add_parser(
+        "bench", help="measure speed as ratios against a baseline run side by side",
+        description="batching: batched vs one at a time, and cache reuse (the default); "
+        "ttft: time to first token cold vs hot vs restored from disk at 1K-4K tokens; "
+        "bytes: bytes the store writes over a 50-turn conversation; scale: many agents "
+        "with >=1K-token contexts through a small memory budget with a store.")
+    bench.add_argument("which", nargs="?", default="batching",
+                       choices=["batching", "ttft", "bytes", "scale"])
+    bench.add_argument("--model", default=None,
+                       help="default: 'embedded' ('embedded:tiny' for scale)")
+    bench.add_argument("--agents", type=_int_in(1, MAX_SCALE_AGENTS), default=None,
+                       help="default 8 (1000 for scale)")
+    bench.add_argument("--max-tokens", type=_int_in(1, MAX_TOKENS), default=None,
+                       help="default 32 (8 for scale)")
     bench.add_argument("--context", type=_int_in(16, MAX_CONTEXT), default=1024,
                        help="tokens of context for the cache-reuse measurement")
+    bench.add_argument("--turns", type=_int_in(1, MAX_TURNS), default=2,
+                       help="scale: turns each agent takes (default 2)")
+    bench.add_argument("--budget", type=_budget, default="64MB",
+                       help="scale: the KV memory budget (default 64MB)")
     return parser
 
 
@@ -152,13 +177,26 @@ def _run(args: argparse.Namespace) -> None:
             backend=args.backend,
         )
     elif args.command == "bench":
-        from ._bench import run_bench
+        anyio.run(lambda: _bench(args), backend="trio")
 
-        anyio.run(
-            lambda: run_bench(model=args.model, agents=args.agents,
-                              max_tokens=args.max_tokens, context=args.context),
-            backend="trio",
-        )
+
+async def _bench(args: argparse.Namespace) -> None:
+    from ._bench import run_bench
+    from ._bench_tiers import bench_bytes, bench_scale, bench_ttft
+
+    model = args.model or ("embedded:tiny" if args.which == "scale" else "embedded")
+    if args.which == "ttft":
+        await bench_ttft(model=model)
+    elif args.which == "bytes":
+        await bench_bytes(model=model)
+    elif args.which == "scale":
+        await bench_scale(model=model, agents=args.agents or 1000, turns=args.turns,
+                          budget=args.budget, max_tokens=args.max_tokens or 8)
+    else:
+        if (args.agents or 8) > MAX_AGENTS:
+            raise ValueError(f"bench batching takes at most {MAX_AGENTS} agents")
+        await run_bench(model=model, agents=args.agents or 8,
+                        max_tokens=args.max_tokens or 32, context=args.context)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,157 @@
+"""``troupe bench ttft|bytes|scale``: what the KV blocks and the storage tiers buy.
+
+ttft   time to first token at 1K, 2K and ~4K tokens of context: cold (prefill it all) vs
+       hot (the agent's blocks in memory) vs restored from the store's disk, as speedups.
+bytes  bytes the store writes over a 50-turn conversation, against the whole-cache-per-turn
+       design troupe had before (each turn rewrote every token its cache covered).
+scale  many agents with their own >=1K-token contexts (a shared world prompt, then each
+       agent's persona) taking turns through a small memory budget with a store.
+
+Each prints its figures and the ratios measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+
+from . import BLAS
+from ._runtime import Runtime, open_runtime
+from .actors._agent import Agent
+
+WORLD = (
+    "The village of Millbrook sits by a slow river between two hills. Its market opens at "
+    "dawn, its bridge is closed for repairs, and a storm is coming from the west. "
+)
+
+
+async def _chars_per_token(rt: Runtime) -> float:
+    """How many characters of WORLD-like prose make one token under this tokenizer."""
+    probe = await rt.spawn("probe-tokenizer", system=WORLD * 8)
+    bare = await rt.spawn("probe-bare")
+    with_text = (await probe.say("Hi", max_tokens=1)).prompt_tokens
+    without = (await bare.say("Hi", max_tokens=1)).prompt_tokens
+    return len(WORLD * 8) / max(1, with_text - without)
+
+
+def _text(tokens: int, salt: str, chars_per_token: float) -> str:
+    """About ``tokens`` tokens of prose starting with ``salt`` (so contexts do not share)."""
+    chars = int(tokens * chars_per_token)
+    return (salt + " " + WORLD * (chars // len(WORLD) + 2))[:chars]
+
+
+async def _ttft(agent: Agent, text: str) -> float:
+    # The turn runs to its end: a cancelled turn would not be committed to the store.
+    started = time.perf_counter()
+    first: float | None = None
+    async for _ in agent.stream(text, max_tokens=2, temperature=0.0):
+        if first is None:
+            first = time.perf_counter() - started
+    return first if first is not None else time.perf_counter() - started
+
+
+async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
+    print(f"troupe bench ttft: model {model!r}, BLAS {BLAS.name}", file=out, flush=True)
+    with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
+        rows: list[tuple[int, float, float, float]] = []
+        async with open_runtime(model=model, store=store) as rt:
+            limit = rt.model.context_length
+            sizes = [s for s in (1024, 2048, 4096) if s < limit] + (
+                [limit - 200] if limit - 200 > 2048 and limit <= 4096 else [])
+            await (await rt.spawn("warmup")).say("warm up", max_tokens=4)
+            ratio = await _chars_per_token(rt)
+            agents = {}
+            for size in sizes:
+                agent = await rt.spawn(f"ctx{size}", system=_text(size, f"Agent {size}.", ratio))
+                cold = await _ttft(agent, "What happened first?")
+                hot = await _ttft(agent, "And then?")
+                agents[size] = (cold, hot, agent.statistics().cached_tokens)
+        async with open_runtime(model=model, store=store) as rt:
+            await (await rt.get("warmup")).say("warm up again", max_tokens=4)
+            for size, (cold, hot, tokens) in agents.items():
+                disk = await _ttft(await rt.get(f"ctx{size}"), "And after that?")
+                rows.append((tokens, cold, hot, disk))
+            restores = rt.statistics().restores
+    for tokens, cold, hot, disk in rows:
+        print(f"  {tokens:>5} tokens of context: cold {cold * 1e3:7.0f} ms, hot "
+              f"{hot * 1e3:5.0f} ms ({cold / hot:5.1f}x), restored from disk "
+              f"{disk * 1e3:5.0f} ms ({cold / disk:5.1f}x)", file=out, flush=True)
+    print(f"  ({restores} blocks and tails restored from disk)", file=out, flush=True)
+
+
+async def bench_bytes(*, model: str, turns: int = 50, out: TextIO = sys.stdout) -> None:
+    print(f"troupe bench bytes: model {model!r}, {turns}-turn conversation", file=out,
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
+        async with open_runtime(model=model, store=store) as rt:
+            per_token = rt.model.kv_bytes_per_token
+            agent = await rt.spawn("talker", system=_text(200, "You talk a lot.",
+                                                           await _chars_per_token(rt)))
+            whole_file = 0
+            for i in range(turns):
+                await agent.say(f"Tell me about day {i}.", max_tokens=24, temperature=0.0)
+                # The previous design rewrote the agent's whole cache file every turn.
+                whole_file += agent.statistics().cached_tokens * per_token
+            written = rt.statistics().store_bytes_written
+            covered = agent.statistics().cached_tokens
+    print(f"  context at the end {covered} tokens ({per_token} bytes of KV each)\n"
+          f"  blocks written     {written / 1e6:8.1f} MB\n"
+          f"  whole-file design  {whole_file / 1e6:8.1f} MB (computed: each turn's cache "
+          f"size)\n  ratio              {whole_file / written:8.1f}x less written",
+          file=out, flush=True)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+async def bench_scale(
+    *, model: str, agents: int, turns: int, budget: str, max_tokens: int,
+    out: TextIO = sys.stdout,
+) -> None:
+    print(f"troupe bench scale: {agents} agents x {turns} turns, model {model!r}, "
+          f"budget {budget}, BLAS {BLAS.name}", file=out, flush=True)
+    rss_before = _peak_rss_mb()
+    with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
+        async with open_runtime(model=model, store=store, kv_budget=budget) as rt:
+            model_mb = Path(rt.model.path).joinpath("model.safetensors").stat().st_size / 1e6
+            world = _text(1000, "The world.", await _chars_per_token(rt))
+            crowd = [await rt.spawn(f"v{i}", system=f"{world} You are villager {i}.")
+                     for i in range(agents)]
+            started = time.perf_counter()
+            generated = 0
+
+            async def speak(agent: Agent, text: str) -> None:
+                nonlocal generated
+                reply = await agent.say(text, max_tokens=max_tokens, temperature=0.0)
+                generated += len(reply.tokens)
+
+            for round_no in range(turns):
+                async with anyio.create_task_group() as tg:
+                    for agent in crowd:
+                        tg.start_soon(speak, agent, f"Round {round_no}: what now?")
+                stats = rt.statistics()
+                print(f"  round {round_no + 1}: {stats.turns_completed} turns, hot "
+                      f"{stats.kv_hot_bytes / 1e6:.1f} MB, {stats.blocks_on_disk} blocks on "
+                      f"disk, {stats.restores} restored", file=out, flush=True)
+            elapsed = time.perf_counter() - started
+            stats = rt.statistics()
+            contexts = [a.statistics().cached_tokens for a in crowd]
+    peak = _peak_rss_mb()
+    budget_mb = stats.kv_budget / 1e6
+    print(f"  contexts           {min(contexts)}-{max(contexts)} tokens per agent\n"
+          f"  wall time          {elapsed:.1f}s, {generated / elapsed:.1f} tok/s generated\n"
+          f"  tokens prefilled   {stats.tokens_prefilled}, reused {stats.tokens_reused}\n"
+          f"  restores           {stats.restores} blocks, rebuilds {stats.rebuilds}, "
+          f"evictions {stats.evictions}\n"
+          f"  store              {stats.store_bytes_written / 1e6:.1f} MB written, "
+          f"{stats.store_bytes_read / 1e6:.1f} MB read\n"
+          f"  peak RSS           {peak:.0f} MB (before opening: {rss_before:.0f} MB; model "
+          f"{model_mb:.0f} MB + budget {budget_mb:.0f} MB + 300 MB = "
+          f"{model_mb + budget_mb + 300:.0f} MB)", file=out, flush=True)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, cast
 
@@ -29,7 +29,7 @@ from .._errors import (
     TroupeError,
 )
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
-from .._validate import check_message
+from .._validate import check_id, check_message
 from ..storage._catalog import AgentRecord
 from ._engine import CutKV, FinishEvent
 from ._mlx import ModelInfo
@@ -50,6 +50,11 @@ class Turn(Request[Reply]):
 @attrs.frozen
 class Tell(Request[None]):
     text: str
+
+
+@attrs.frozen
+class Fork(Request["AgentActor"]):
+    new_id: str
 
 
 @attrs.define
@@ -81,6 +86,7 @@ class Services:
     scheduler: Scheduler
     storage: Storage
     counters: TurnCounters
+    adopt_fork: Callable[[AgentActor, str], Awaitable[AgentActor]]
 
 
 class AgentActor(Actor):
@@ -105,6 +111,8 @@ class AgentActor(Actor):
             finally:
                 if message.deltas is not None:
                     message.deltas.close()
+        if isinstance(message, Fork):
+            return await self._services.adopt_fork(self, message.new_id)
         if isinstance(message, Tell):
             told = Message("user", message.text)
             try:
@@ -357,6 +365,16 @@ class Agent:
             self.id, chat_messages(system, [Message("user", message)]), len(message)
         )
         await self._actor.send(Tell(message))
+
+    async def fork(self, new_id: str) -> Agent:
+        """A new agent with this one's system prompt, transcript and KV blocks (no KV is
+        copied); the two diverge from their next turns.
+
+        Queued behind this agent's turns, so it forks what they leave. AgentExistsError if
+        the id is taken.
+        """
+        check_id(new_id)
+        return Agent(await self._actor.call(Fork(new_id)))
 
     def transcript(self) -> tuple[Message, ...]:
         """The conversation so far, oldest first (the system prompt not included)."""

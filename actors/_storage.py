@@ -29,6 +29,7 @@ from ..storage._blocks import (
     KVFile,
     block_file_name,
     block_ids,
+    copy_kv,
     read_kv,
     tail_file_name,
     write_kv,
@@ -46,6 +47,18 @@ logger = logging.getLogger("troupe")
 class AddAgent(Request[None]):
     agent_id: str
     system: str
+
+
+@attrs.frozen
+class ForkAgent(Request[int]):
+    """Add ``new_id`` holding ``source_id``'s blocks (no KV copied; its tail is its own
+    from now on) with the given transcript. Returns the tokens the new lease covers."""
+
+    source_id: str
+    new_id: str
+    system: str
+    messages: list[tuple[str, str]]
+    turns: int
 
 
 @attrs.frozen
@@ -238,6 +251,8 @@ class Storage(Actor):
             return await self._commit(message)
         if isinstance(message, AddAgent):
             return await self._add(message)
+        if isinstance(message, ForkAgent):
+            return await self._fork(message)
         raise TypeError(f"storage cannot handle {message!r}")
 
     async def _add(self, message: AddAgent) -> None:
@@ -245,6 +260,50 @@ class Storage(Actor):
             assert self._sqlite is not None
             await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system)
         self.pool.lease(message.agent_id)
+
+    async def _fork(self, message: ForkAgent) -> int:
+        pool = self.pool
+        source = pool.lease(message.source_id)
+        chain = list(source.chain)
+        tail: Tail | None = None
+        if source.tail is not None:
+            # The arrays are immutable, so the two tails share them until either agent's
+            # next turn replaces its own; counted once per lease (a conservative budget).
+            old = source.tail
+            tail = Tail(old.tokens, old.data, old.nbytes)
+        if self._catalog is not None:
+            assert self._sqlite is not None
+            stored = []
+            for block_id in chain:
+                block = pool.blocks.get(block_id)
+                if block is None or block.file is None:
+                    break
+                stored.append(block_id)
+            record: TailRecord | None = None
+            if tail is not None and source.tail is not None and source.tail.file is not None \
+                    and stored == chain:
+                try:
+                    file = await anyio.to_thread.run_sync(
+                        copy_kv, self._kv_dir, source.tail.file, tail_file_name(message.new_id))
+                except StoreError as exc:
+                    logger.warning("agent %r: its tail was not copied (%s)", message.new_id, exc)
+                else:
+                    tail.file = file
+                    record = TailRecord(tail.tokens, file)
+            try:
+                await self._sqlite.run(
+                    self._catalog.add_fork, message.new_id, message.system, message.messages,
+                    message.turns, stored, record,
+                )
+            except BaseException:
+                if record is not None:
+                    await anyio.to_thread.run_sync(_remove, self._kv_dir / record.file.name)
+                raise
+        lease = pool.lease(message.new_id)
+        pool.set_chain(lease, chain)
+        pool.set_tail(lease, tail)
+        pool.evict()
+        return self.covered(message.new_id)
 
     def covered(self, agent_id: str) -> int:
         lease = self.pool.leases.get(agent_id)

@@ -21,7 +21,7 @@ from .actors._engine import Engine
 from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
 from .actors._scheduler import Scheduler
-from .actors._storage import AddAgent, Storage
+from .actors._storage import AddAgent, ForkAgent, Storage
 from .storage._blocks import DEFAULT_BLOCK_SIZE
 
 logger = logging.getLogger("troupe")
@@ -135,6 +135,30 @@ class Runtime:
             self._start(actor)
         return Agent(actor)
 
+    async def _adopt_fork(self, source: AgentActor, new_id: str) -> AgentActor:
+        """Register ``new_id`` as a fork of ``source`` (called from ``source``'s own task)."""
+        self._check_open()
+        if new_id in self._agents:
+            raise AgentExistsError(f"agent {new_id!r} exists already")
+        state = source.state
+        copied = AgentState(state.system, list(state.transcript), turns=state.turns,
+                            saved=len(state.transcript))
+        actor = self._register(new_id, copied)
+        fork = ForkAgent(source.agent_id, new_id, state.system,
+                         [(m.role, m.content) for m in state.transcript], state.turns)
+        try:
+            # Shielded: the store and the runtime must agree on whether the fork exists.
+            with anyio.CancelScope(shield=True):
+                actor.cached = await self._storage.call(fork)
+        except BaseException:
+            del self._agents[new_id]
+            raise
+        if self._closed:
+            actor.stop()
+        else:
+            self._start(actor)
+        return actor
+
     async def get(self, agent_id: str) -> Agent:
         """The agent with this id (AgentNotFoundError if none)."""
         self._check_open()
@@ -196,6 +220,10 @@ class Runtime:
         await self._storage.aclose()
 
 
+async def _unbound_fork(source: AgentActor, new_id: str) -> AgentActor:
+    raise RuntimeClosedError("the runtime is not open")
+
+
 @asynccontextmanager
 async def open_runtime(
     model: str | os.PathLike[str] = "embedded",
@@ -251,8 +279,10 @@ async def open_runtime(
             services = Services(
                 renderer=Renderer(engine.model.tokenizer, info.context_length), info=info,
                 scheduler=scheduler, storage=storage, counters=TurnCounters(),
+                adopt_fork=_unbound_fork,
             )
             runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size)
+            services.adopt_fork = runtime._adopt_fork
             task_group.start_soon(scheduler.run, name="troupe scheduler")
             task_group.start_soon(storage.run, name="troupe storage")
             for record in records:

@@ -106,6 +106,12 @@ def write_kv(directory: Path, name: str, parts: Sequence[memoryview]) -> KVFile:
     return record
 
 
+def copy_kv(directory: Path, record: KVFile, name: str) -> KVFile:
+    """A durable copy of a checked file under a new name; StoreError if either fails."""
+    data = read_kv(directory, record)
+    return write_kv(directory, name, [memoryview(data)])
+
+
 def read_kv(directory: Path, record: KVFile) -> bytes:
     """A file's bytes, checked against the catalog's record; StoreError if not whole."""
     path = directory / record.name

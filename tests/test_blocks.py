@@ -218,3 +218,48 @@ async def test_a_process_killed_mid_spill_reopens_whole(
     for file in _catalog_files(store):
         read_kv(store / "kv", file)
     assert not list((store / "kv").glob("*.partial"))
+
+
+@pytest.mark.parametrize("with_store", [False, True])
+async def test_a_fork_shares_blocks_diverges_and_survives_a_reopen(
+    with_store: bool, tmp_path: Path
+) -> None:
+    async with troupe.open_runtime(model=TINY, block_size=16) as rt:
+        left, right = (await rt.spawn("left", system=WORLD), await rt.spawn("right", system=WORLD))
+        for agent in (left, right):
+            for m in ROUNDS[:2]:
+                await agent.say(m, max_tokens=10)
+        expected_left = await left.say("Go east.", max_tokens=10)
+        expected_right = await right.say("Go west.", max_tokens=10)
+        expected_after = await right.say("And then?", max_tokens=10)
+    store = tmp_path / "store" if with_store else None
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        alice = await rt.spawn("alice", system=WORLD)
+        for m in ROUNDS[:2]:
+            await alice.say(m, max_tokens=10)
+        before = rt.statistics()
+        files = set((tmp_path / "store" / "kv").glob("*.kvb")) if with_store else set()
+        twin = await alice.fork("twin")
+        with pytest.raises(troupe.AgentExistsError):
+            await alice.fork("twin")
+        assert twin.transcript() == alice.transcript()
+        assert twin.statistics().cached_tokens == alice.statistics().cached_tokens
+        after = rt.statistics()
+        assert after.blocks_shared >= before.blocks_shared + 4  # no KV copied
+        assert after.blocks_in_memory == before.blocks_in_memory
+        if with_store:
+            assert set((tmp_path / "store" / "kv").glob("*.kvb")) == files
+        east = await alice.say("Go east.", max_tokens=10)
+        west = await twin.say("Go west.", max_tokens=10)
+        assert east.tokens == expected_left.tokens
+        assert west.tokens == expected_right.tokens
+        assert west.cached_tokens == expected_right.cached_tokens  # the fork reused it all
+        transcripts = {a.id: a.transcript() for a in (alice, twin)}
+    if not with_store:
+        return
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        twin = await rt.get("twin")
+        assert {i: (await rt.get(i)).transcript() for i in transcripts} == transcripts
+        after_reopen = await twin.say("And then?", max_tokens=10)
+    assert after_reopen.tokens == expected_after.tokens
+    assert after_reopen.cached_tokens == expected_after.cached_tokens

@@ -1,9 +1,9 @@
 """The agent actor and ``Agent``, the handle users hold.
 
-An agent owns its transcript, the token history its KV cache covers, and the cache
-itself (in memory, or a file in the store until it speaks again). A turn renders the
-chat template, reuses the longest prefix the cache already covers, and sends only the
-rest to the scheduler. One agent's turns run one at a time, in the order they came.
+An agent owns its transcript; its KV lives in blocks the storage actor owns, on a lease. A
+turn renders the chat template, checks out the longest prefix of the prompt that known
+blocks cover (its own, or any agent's), sends only the rest to the scheduler, and commits
+the blocks the turn completed. One agent's turns run one at a time, in the order they came.
 """
 
 from __future__ import annotations

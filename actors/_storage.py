@@ -299,6 +299,8 @@ class Storage(Actor):
                 if record is not None:
                     await anyio.to_thread.run_sync(_remove, self._kv_dir / record.file.name)
                 raise
+        if tail is not None and tail.data is None and tail.file is None:
+            tail = None  # on disk only, and the copy failed: the fork prefills those tokens
         lease = pool.lease(message.new_id)
         pool.set_chain(lease, chain)
         pool.set_tail(lease, tail)

@@ -14,7 +14,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
@@ -38,6 +38,7 @@ from ._scheduler import Scheduler, StartTurn, TurnChannel
 from ._storage import NO_PREFIX, Checkout, Commit, Prefix, Storage
 
 logger = logging.getLogger("troupe")
+R = TypeVar("R")
 
 
 @attrs.frozen
@@ -99,12 +100,21 @@ class AgentActor(Actor):
         self._services = services
         self._finished: FinishEvent | None = None  # how a cancelled turn ended
         self.cached = services.storage.covered(agent_id)
+        self.deactivated = False
+        """Set when the runtime retired this actor for being idle; handles activate anew."""
+        self.last_active = anyio.current_time()
         self.renderer = services.renderer
         self.tokens_generated = 0
         self.tokens_prefilled = 0
         self.tokens_reused = 0
 
     async def handle(self, message: Request[Any]) -> Any:
+        try:
+            return await self._handle(message)
+        finally:
+            self.last_active = anyio.current_time()
+
+    async def _handle(self, message: Request[Any]) -> Any:
         if isinstance(message, Turn):
             try:
                 return await self._turn(message)
@@ -287,8 +297,24 @@ class Agent:
     Methods may be called from any task; an agent's turns run one at a time, in order.
     """
 
-    def __init__(self, actor: AgentActor) -> None:
+    def __init__(
+        self, actor: AgentActor, activate: Callable[[str], Awaitable[AgentActor]]
+    ) -> None:
         self._actor = actor
+        self._activate = activate
+
+    async def _submit(self, message: Request[R], *, detached: bool = False) -> Pending[R]:
+        """Queue ``message`` with the agent's actor, activating the agent again if the
+        runtime retired its actor for being idle."""
+        while True:
+            if self._actor.deactivated:
+                self._actor = await self._activate(self.id)
+            actor = self._actor
+            try:
+                return await actor.submit(message, detached=detached)
+            except RuntimeClosedError:
+                if not actor.deactivated:
+                    raise
 
     @property
     def id(self) -> str:
@@ -325,7 +351,7 @@ class Agent:
         transcript is left as it was.
         """
         turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop))
-        pending = await self._actor.submit(turn)
+        pending = await self._submit(turn)
         return await pending.result()
 
     def stream(
@@ -344,7 +370,7 @@ class Agent:
         Use ``async with agent.stream(...) as s:`` to cancel the turn on early exit.
         """
         turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop))
-        return ReplyStream(self._actor, turn)
+        return ReplyStream(self._submit, turn)
 
     def _turn(self, text: object, sampling: Sampling) -> Turn:
         message = check_message(text)
@@ -364,7 +390,7 @@ class Agent:
         await self._actor.renderer.check_fits(
             self.id, chat_messages(system, [Message("user", message)]), len(message)
         )
-        await self._actor.send(Tell(message))
+        await self._submit(Tell(message), detached=True)
 
     async def fork(self, new_id: str) -> Agent:
         """A new agent with this one's system prompt, transcript and KV blocks (no KV is
@@ -374,7 +400,8 @@ class Agent:
         the id is taken.
         """
         check_id(new_id)
-        return Agent(await self._actor.call(Fork(new_id)))
+        pending = await self._submit(Fork(new_id))
+        return Agent(await pending.result(), self._activate)
 
     def transcript(self) -> tuple[Message, ...]:
         """The conversation so far, oldest first (the system prompt not included)."""
@@ -388,8 +415,10 @@ class Agent:
 class ReplyStream:
     """The text of one turn as it is generated; ``reply`` is set once it ends."""
 
-    def __init__(self, actor: AgentActor, turn: Turn) -> None:
-        self._actor = actor
+    def __init__(
+        self, submit: Callable[[Turn], Awaitable[Pending[Reply]]], turn: Turn
+    ) -> None:
+        self._submit = submit
         self._turn = turn
         self._pending: Pending[Reply] | None = None
         self._deltas: MemoryObjectReceiveStream[str] | None = None
@@ -401,7 +430,7 @@ class ReplyStream:
     async def __anext__(self) -> str:
         if self._pending is None:
             send, self._deltas = anyio.create_memory_object_stream[str](math.inf)
-            self._pending = await self._actor.submit(attrs.evolve(self._turn, deltas=send))
+            self._pending = await self._submit(attrs.evolve(self._turn, deltas=send))
         assert self._deltas is not None
         try:
             return await self._deltas.receive()

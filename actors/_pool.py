@@ -68,11 +68,15 @@ class BlockPool:
     def in_memory(self) -> int:
         return sum(1 for b in self.blocks.values() if b.data is not None)
 
-    def on_disk(self) -> int:
-        return sum(1 for b in self.blocks.values() if b.file is not None)
-
     def shared(self) -> int:
         return sum(1 for b in self.blocks.values() if b.refs > 1)
+
+    def known(self, block_id: bytes, file: KVFile | None) -> Block | None:
+        """The entry of a block, made from its catalog record if memory has none."""
+        block = self.blocks.get(block_id)
+        if block is None and file is not None:
+            block = self.blocks[block_id] = Block(block_id, 0, None, file.nbytes, file)
+        return block
 
     def add(self, block_id: bytes, position: int, data: KVBlock) -> Block:
         """Register a block computed by a turn; an existing one of that id wins (one copy)."""
@@ -124,8 +128,22 @@ class BlockPool:
                 block.refs -= 1
                 if block.refs == 0:
                     released.append(block)
+                    self._forget_if_cold(block)
         lease.chain = list(chain)
         return released
+
+    def _forget_if_cold(self, block: Block) -> None:
+        # Nothing here holds it and it is not in memory: the catalog knows its file, and an
+        # agent that needs it again finds it there (entries of idle agents cost nothing).
+        if block.refs == 0 and block.data is None and self.blocks.get(block.block_id) is block:
+            del self.blocks[block.block_id]
+
+    def release_lease(self, agent_id: str) -> None:
+        """An agent deactivates: its lease leaves memory (its blocks stay, as a cache)."""
+        lease = self.leases.pop(agent_id, None)
+        if lease is not None:
+            self.set_chain(lease, [])
+            self.set_tail(lease, None)
 
     def drop(self, block: Block) -> None:
         """Drop a block from every tier (damaged, or evicted with no copy on disk).
@@ -138,12 +156,6 @@ class BlockPool:
             block.data = None
         block.file = None
         if block.refs == 0 and self.blocks.get(block.block_id) is block:
-            del self.blocks[block.block_id]
-
-    def release(self, block: Block) -> None:
-        """A block no chain holds: kept in memory as a cache, but off disk."""
-        block.file = None
-        if block.data is None and self.blocks.get(block.block_id) is block:
             del self.blocks[block.block_id]
 
     def touch(self, blocks: Iterable[Block], tail: Tail | None) -> None:
@@ -181,5 +193,6 @@ class BlockPool:
             elif item.file is not None:
                 item.data = None
                 self.hot_bytes -= item.nbytes
+                self._forget_if_cold(item)
             else:
                 self.drop(item)

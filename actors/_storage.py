@@ -62,6 +62,20 @@ class ForkAgent(Request[int]):
 
 
 @attrs.frozen
+class Activate(Request["AgentRecord | None"]):
+    """Read a stored agent (None if the store has none of that id) and take up its lease."""
+
+    agent_id: str
+
+
+@attrs.frozen
+class Deactivate(Request[None]):
+    """An idle agent leaves memory: its lease is released (its KV stays where it is)."""
+
+    agent_id: str
+
+
+@attrs.frozen
 class Prefix:
     """The KV a turn starts from, pinned until the turn's ``Commit`` hands it back."""
 
@@ -190,14 +204,15 @@ class Storage(Actor):
         self.rebuilds = 0
         self.bytes_written = 0
         self.bytes_read = 0
+        self.blocks_on_disk = 0
 
     @property
     def _kv_dir(self) -> Path:
         assert self.root is not None
         return self.root / "kv"
 
-    async def open(self) -> list[AgentRecord]:
-        """Open the store (if any) and return the agents it holds."""
+    async def open(self) -> list[str]:
+        """Open the store (if any) and return the ids of the agents it holds."""
         if self.root is None:
             return []
         self._lock = await anyio.to_thread.run_sync(_prepare_store, self.root)
@@ -211,21 +226,11 @@ class Storage(Actor):
         if not fits:
             logger.warning("store %s was made with another model: its caches are dropped, "
                            "transcripts kept", self.root)
-        records = await self._sqlite.run(catalog.load_agents)
-        files = await self._sqlite.run(catalog.load_blocks)
-        pool = self.pool
-        for block_id, file in files.items():
-            pool.blocks[block_id] = Block(block_id, 0, None, file.nbytes, file)
-        names = {f.name for f in files.values()}
-        for record in records:
-            lease = pool.lease(record.agent_id)
-            pool.set_chain(lease, list(record.chain))
-            if record.tail is not None:
-                lease.tail = Tail(record.tail.tokens, None, record.tail.file.nbytes,
-                                  record.tail.file)
-                names.add(record.tail.file.name)
+        ids = await self._sqlite.run(catalog.agent_ids)
+        names = await self._sqlite.run(catalog.file_names)
+        self.blocks_on_disk = sum(1 for name in names if name.endswith(".kvb"))
         await anyio.to_thread.run_sync(_remove_orphans, self._kv_dir, names)
-        return records
+        return ids
 
     async def aclose(self) -> None:
         if self._sqlite is not None:
@@ -253,6 +258,11 @@ class Storage(Actor):
             return await self._add(message)
         if isinstance(message, ForkAgent):
             return await self._fork(message)
+        if isinstance(message, Activate):
+            return await self._activate(message)
+        if isinstance(message, Deactivate):
+            self.pool.release_lease(message.agent_id)
+            return None
         raise TypeError(f"storage cannot handle {message!r}")
 
     async def _add(self, message: AddAgent) -> None:
@@ -307,6 +317,27 @@ class Storage(Actor):
         pool.evict()
         return self.covered(message.new_id)
 
+    async def _activate(self, message: Activate) -> AgentRecord | None:
+        """Read a stored agent and take up its lease (its KV stays where it is)."""
+        if self._catalog is None:
+            return None
+        assert self._sqlite is not None
+        record = await self._sqlite.run(self._catalog.load_agent, message.agent_id)
+        if record is None:
+            return None
+        pool = self.pool
+        chain = list(record.chain)
+        missing = [b for b in chain if b not in pool.blocks]
+        files = await self._sqlite.run(self._catalog.block_files, missing) if missing else {}
+        for block_id in missing:
+            pool.known(block_id, files.get(block_id))
+        lease = pool.lease(message.agent_id)
+        pool.set_chain(lease, chain)
+        if record.tail is not None:
+            pool.set_tail(lease, Tail(record.tail.tokens, None, record.tail.file.nbytes,
+                                      record.tail.file))
+        return record
+
     def covered(self, agent_id: str) -> int:
         lease = self.pool.leases.get(agent_id)
         if lease is None:
@@ -322,6 +353,13 @@ class Storage(Actor):
         pool, size, prompt = self.pool, self.block_size, message.prompt
         limit = len(prompt) - 1  # at least one token must be new
         ids = block_ids(self._hash_key, prompt, size, count=limit // size)
+        unknown = [b for b in ids if b not in pool.blocks]
+        if unknown and self._catalog is not None:
+            # Blocks on disk that no active agent holds (an idle agent's, a closed run's).
+            assert self._sqlite is not None
+            files = await self._sqlite.run(self._catalog.block_files, unknown)
+            for block_id, file in files.items():
+                pool.known(block_id, file)
         known: list[Block] = []
         for block_id in ids:
             block = pool.blocks.get(block_id)
@@ -419,6 +457,7 @@ class Storage(Actor):
             except StoreError as exc:
                 logger.warning("%s", exc)
             await anyio.to_thread.run_sync(_remove, self._kv_dir / name)
+            self.blocks_on_disk -= 1
         self.pool.drop(block)
 
     async def _forget_tail(self, agent_id: str) -> None:
@@ -446,7 +485,6 @@ class Storage(Actor):
         old_tail = lease.tail.file if lease.tail is not None else None
         chain: list[bytes] | None = None
         views: dict[bytes, list[memoryview]] = {}
-        released: list[Block] = []
         kv = message.kv
         if kv is not None:
             chain = block_ids(self._hash_key, kv.tokens, size)
@@ -457,17 +495,14 @@ class Storage(Actor):
             if kv.tail is not None:
                 tail = Tail(kv.tokens[len(chain) * size :], kv.tail, _nbytes(kv.tail))
             pool.set_tail(lease, tail)
-            released = pool.set_chain(lease, chain)
+            pool.set_chain(lease, chain)
             pool.touch([pool.blocks[b] for b in chain], tail)
         try:
             if self._catalog is not None:
-                await self._persist(message, lease, chain, views, kv, released)
+                await self._persist(message, lease, chain, views, kv)
                 if chain is not None and old_tail is not None:
                     await anyio.to_thread.run_sync(_remove, self._kv_dir / old_tail.name)
         finally:
-            for block in released:
-                if block.refs == 0:
-                    pool.release(block)
             pool.evict()
         return self.covered(message.agent_id)
 
@@ -478,7 +513,6 @@ class Storage(Actor):
         chain: list[bytes] | None,
         views: dict[bytes, list[memoryview]],
         kv: CutKV | None,
-        released: list[Block],
     ) -> None:
         assert self._catalog is not None
         assert self._sqlite is not None
@@ -494,11 +528,10 @@ class Storage(Actor):
                 if file is not None:
                     lease.tail.file = file
                     tail = TailRecord(lease.tail.tokens, file)
-        dead = [b for b in released if b.refs == 0 and b.file is not None]
         try:
             await self._sqlite.run(
                 self._catalog.commit, message.agent_id, message.first_seq, message.messages,
-                message.turns, stored, tail, written, [b.block_id for b in dead],
+                message.turns, stored, tail, written,
             )
         except BaseException:
             if tail is not None:
@@ -508,9 +541,6 @@ class Storage(Actor):
             raise
         if chain is not None and stored == chain and (lease.tail is None or tail is not None):
             self.caches_saved += 1
-        for block in dead:
-            assert block.file is not None
-            await anyio.to_thread.run_sync(_remove, self._kv_dir / block.file.name)
 
     async def _write(self, agent_id: str, name: str, view: list[memoryview]) -> KVFile | None:
         """Write one file of KV; None if the disk refused (logged, counted)."""
@@ -548,6 +578,7 @@ class Storage(Actor):
                 break
             block.file = file
             written.append((block.block_id, file))
+            self.blocks_on_disk += 1
         stored: list[bytes] = []
         for block_id in chain:
             if pool.blocks[block_id].file is None:

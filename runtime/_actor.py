@@ -95,6 +95,11 @@ class Actor(ABC):
         self._started = False
         self.finished = anyio.Event()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing queued."""
+        return self._current is None and self._mailbox_receive.statistics().current_buffer_used == 0
+
     @abstractmethod
     async def handle(self, message: Request[Any]) -> Any:
         """Handle one message; the return value goes back to the caller."""

@@ -129,6 +129,9 @@ class RuntimeStatistics:
     """A snapshot of the whole runtime."""
 
     agents: int
+    """Every agent, active or only in the store."""
+    agents_active: int
+    """Agents with an actor in memory (the others cost nothing until addressed)."""
     turns_in_flight: int
     turns_completed: int
     turns_failed: int

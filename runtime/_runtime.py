@@ -21,12 +21,13 @@ from .actors._engine import Engine
 from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
 from .actors._scheduler import Scheduler
-from .actors._storage import AddAgent, ForkAgent, Storage
+from .actors._storage import Activate, AddAgent, Deactivate, ForkAgent, Storage
 from .storage._blocks import DEFAULT_BLOCK_SIZE
 
 logger = logging.getLogger("troupe")
 
 DEFAULT_KV_BUDGET = "1GiB"
+DEFAULT_IDLE_TIMEOUT = 300.0
 
 def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
     """Where the model comes from; the returned function runs on the engine thread."""
@@ -64,6 +65,7 @@ class Runtime:
         storage: Storage,
         services: Services,
         mailbox_size: int,
+        stored_ids: list[str],
     ) -> None:
         self._task_group = task_group
         self._engine = engine
@@ -71,7 +73,11 @@ class Runtime:
         self._storage = storage
         self._services = services
         self._mailbox_size = mailbox_size
+        # Every agent, in spawn order; only the active ones have an actor (and a task).
+        self._ids: dict[str, None] = dict.fromkeys(stored_ids)
         self._agents: dict[str, AgentActor] = {}
+        self._activations: dict[str, anyio.Event] = {}
+        self._reaper = anyio.CancelScope()
         self._closed = False
 
     @property
@@ -95,7 +101,69 @@ class Runtime:
     def _register(self, agent_id: str, state: AgentState) -> AgentActor:
         actor = AgentActor(agent_id, state, self._services, self._mailbox_size)
         self._agents[agent_id] = actor
+        self._ids[agent_id] = None
         return actor
+
+    def _unregister(self, agent_id: str) -> None:
+        del self._agents[agent_id]
+        del self._ids[agent_id]
+
+    def _handle(self, actor: AgentActor) -> Agent:
+        return Agent(actor, self._activate)
+
+    async def _activate(self, agent_id: str) -> AgentActor:
+        """The agent's actor, reading it from the store first if it is not active."""
+        while True:
+            self._check_open()
+            actor = self._agents.get(agent_id)
+            if actor is not None:
+                return actor
+            pending = self._activations.get(agent_id)
+            if pending is None:
+                break
+            await pending.wait()  # another task is activating or deactivating it
+        if agent_id not in self._ids:
+            raise AgentNotFoundError(f"no agent {agent_id!r}")
+        done = self._activations[agent_id] = anyio.Event()
+        try:
+            # Shielded: the lease taken in the store must end up with a running actor.
+            with anyio.CancelScope(shield=True):
+                record = await self._storage.call(Activate(agent_id))
+            if record is None:
+                raise AgentNotFoundError(f"no agent {agent_id!r} in the store")
+            actor = AgentActor(agent_id, AgentState.from_record(record), self._services,
+                               self._mailbox_size)
+            self._agents[agent_id] = actor
+            if self._closed:
+                actor.stop()
+            else:
+                self._start(actor)
+            return actor
+        finally:
+            del self._activations[agent_id]
+            done.set()
+
+    async def _reap(self, idle_timeout: float) -> None:
+        """Deactivate agents idle for ``idle_timeout`` seconds (their state is stored)."""
+        with self._reaper:
+            while True:
+                await anyio.sleep(idle_timeout / 4)
+                now = anyio.current_time()
+                for actor in list(self._agents.values()):
+                    if actor.idle and now - actor.last_active >= idle_timeout:
+                        await self._deactivate(actor)
+
+    async def _deactivate(self, actor: AgentActor) -> None:
+        agent_id = actor.agent_id
+        done = self._activations[agent_id] = anyio.Event()
+        try:
+            actor.deactivated = True
+            actor.stop()  # idle: nothing is queued or running
+            del self._agents[agent_id]
+            await self._storage.send(Deactivate(agent_id))
+        finally:
+            del self._activations[agent_id]
+            done.set()
 
     def _start(self, actor: AgentActor) -> None:
         self._task_group.start_soon(actor.run, name=f"troupe {actor.name}")
@@ -110,7 +178,7 @@ class Runtime:
         self._check_open()
         check_id(agent_id)
         check_str(system, "system")
-        if agent_id in self._agents:
+        if agent_id in self._ids:
             raise AgentExistsError(f"agent {agent_id!r} exists already")
         if system:
             probe = [Message("user", "?")]
@@ -118,7 +186,7 @@ class Runtime:
                 agent_id, chat_messages(system, probe), len(system)
             )
             self._check_open()
-            if agent_id in self._agents:
+            if agent_id in self._ids:
                 raise AgentExistsError(f"agent {agent_id!r} exists already")
         # Reserve the id before the next await, so a racing spawn sees it taken.
         actor = self._register(agent_id, AgentState(system))
@@ -127,18 +195,18 @@ class Runtime:
             with anyio.CancelScope(shield=True):
                 await self._storage.call(AddAgent(agent_id, system))
         except BaseException:
-            del self._agents[agent_id]
+            self._unregister(agent_id)
             raise
         if self._closed:
             actor.stop()  # never started: its handle answers RuntimeClosedError
         else:
             self._start(actor)
-        return Agent(actor)
+        return self._handle(actor)
 
     async def _adopt_fork(self, source: AgentActor, new_id: str) -> AgentActor:
         """Register ``new_id`` as a fork of ``source`` (called from ``source``'s own task)."""
         self._check_open()
-        if new_id in self._agents:
+        if new_id in self._ids:
             raise AgentExistsError(f"agent {new_id!r} exists already")
         state = source.state
         copied = AgentState(state.system, list(state.transcript), turns=state.turns,
@@ -151,7 +219,7 @@ class Runtime:
             with anyio.CancelScope(shield=True):
                 actor.cached = await self._storage.call(fork)
         except BaseException:
-            del self._agents[new_id]
+            self._unregister(new_id)
             raise
         if self._closed:
             actor.stop()
@@ -160,17 +228,15 @@ class Runtime:
         return actor
 
     async def get(self, agent_id: str) -> Agent:
-        """The agent with this id (AgentNotFoundError if none)."""
+        """The agent with this id (AgentNotFoundError if none), activating it if it is
+        only in the store."""
         self._check_open()
         check_id(agent_id)
-        try:
-            return Agent(self._agents[agent_id])
-        except KeyError:
-            raise AgentNotFoundError(f"no agent {agent_id!r}") from None
+        return self._handle(await self._activate(agent_id))
 
     def agent_ids(self) -> tuple[str, ...]:
-        """Ids of every agent, in the order they were spawned."""
-        return tuple(self._agents)
+        """Ids of every agent, active or only in the store, in the order they were spawned."""
+        return tuple(self._ids)
 
     def statistics(self) -> RuntimeStatistics:
         """An immutable snapshot of the runtime's counters."""
@@ -178,7 +244,8 @@ class Runtime:
         e = self._engine.counters
         pool = self._storage.pool
         return RuntimeStatistics(
-            agents=len(self._agents),
+            agents=len(self._ids),
+            agents_active=len(self._agents),
             turns_in_flight=self._scheduler.in_flight,
             turns_completed=c.turns_completed,
             turns_failed=c.turns_failed,
@@ -196,7 +263,7 @@ class Runtime:
             kv_budget=pool.budget,
             kv_hot_bytes=pool.hot_bytes,
             blocks_in_memory=pool.in_memory(),
-            blocks_on_disk=pool.on_disk(),
+            blocks_on_disk=self._storage.blocks_on_disk,
             blocks_shared=pool.shared(),
             evictions=pool.evictions,
             restores=self._storage.restores,
@@ -208,6 +275,7 @@ class Runtime:
     async def _shutdown(self) -> None:
         """Cancel turns in flight, stop the actors, then join the threads (in that order)."""
         self._closed = True
+        self._reaper.cancel()
         actors: list[Actor] = [*self._agents.values()]
         for actor in actors:
             actor.stop()
@@ -234,6 +302,7 @@ async def open_runtime(
     mailbox_size: int = 16,
     kv_budget: int | str = DEFAULT_KV_BUDGET,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
 ) -> AsyncIterator[Runtime]:
     """Open a runtime for the duration of an ``async with`` block (trio or asyncio).
 
@@ -250,6 +319,12 @@ async def open_runtime(
     if mailbox_size < 1:
         raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size}")
     budget = parse_bytes(kv_budget, "kv_budget")
+    if idle_timeout is not None and (
+        isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float)
+        or not idle_timeout > 0
+    ):
+        raise ValueError(f"idle_timeout must be a number of seconds > 0 or None, "
+                         f"got {idle_timeout!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if not 16 <= block_size <= 4096:
@@ -269,7 +344,7 @@ async def open_runtime(
             storage = Storage(root, engine, info, engine.model.layout, mailbox_size,
                               budget=budget, block_size=block_size)
             try:
-                records = await storage.open()
+                stored_ids = await storage.open()
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await engine.stop()
@@ -281,12 +356,13 @@ async def open_runtime(
                 scheduler=scheduler, storage=storage, counters=TurnCounters(),
                 adopt_fork=_unbound_fork,
             )
-            runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size)
+            runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size,
+                              stored_ids)
             services.adopt_fork = runtime._adopt_fork
             task_group.start_soon(scheduler.run, name="troupe scheduler")
             task_group.start_soon(storage.run, name="troupe storage")
-            for record in records:
-                runtime._start(runtime._register(record.agent_id, AgentState.from_record(record)))
+            if root is not None and idle_timeout is not None:
+                task_group.start_soon(runtime._reap, idle_timeout, name="troupe reaper")
             try:
                 yield runtime
             finally:

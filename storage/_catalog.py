@@ -169,7 +169,8 @@ class Catalog:
             if not fits:
                 # Blocks of another model are useless here; transcripts still hold.
                 await db.execute("UPDATE agents SET chain = x'', tail = x'', tail_file = NULL")
-            # Blocks no chain holds (their last holder moved on just before a crash).
+            # Blocks no chain holds any more (agents moved on, or rebuilt differently): the
+            # store collects them here, when no agent is active to race with.
             held = {
                 block_id
                 for (blob,) in await db.execute_fetchall("SELECT chain FROM agents")
@@ -181,29 +182,53 @@ class Catalog:
             )
         return fits
 
-    async def load_agents(self) -> list[AgentRecord]:
+    async def agent_ids(self) -> list[str]:
+        """Every agent's id, oldest first: all that opening a store reads of its agents."""
         async with self._transaction("read the catalog") as db:
-            agents = await db.execute_fetchall(
-                "SELECT id, system, turns, chain, tail, tail_file, tail_nbytes, tail_checksum "
-                "FROM agents ORDER BY created, id"
-            )
-            messages: dict[str, list[tuple[str, str]]] = {}
-            for agent_id, role, content in await db.execute_fetchall(
-                "SELECT agent_id, role, content FROM messages ORDER BY agent_id, seq"
-            ):
-                messages.setdefault(agent_id, []).append((role, content))
-        return [
-            AgentRecord(
-                a, s, t, tuple(messages.get(a, ())), tuple(unpack_chain(c)),
-                TailRecord(unpack_tokens(tt), KVFile(tf, tn, tc)) if tf else None,
-            )
-            for a, s, t, c, tt, tf, tn, tc in agents
-        ]
+            rows = await db.execute_fetchall("SELECT id FROM agents ORDER BY created, id")
+        return [r[0] for r in rows]
 
-    async def load_blocks(self) -> dict[bytes, KVFile]:
+    async def load_agent(self, agent_id: str) -> AgentRecord | None:
         async with self._transaction("read the catalog") as db:
-            rows = await db.execute_fetchall("SELECT id, nbytes, checksum FROM blocks")
-        return {bytes(i): KVFile(block_file_name(bytes(i)), n, c) for i, n, c in rows}
+            rows = list(await db.execute_fetchall(
+                "SELECT id, system, turns, chain, tail, tail_file, tail_nbytes, tail_checksum "
+                "FROM agents WHERE id = ?", (agent_id,)
+            ))
+            messages = await db.execute_fetchall(
+                "SELECT role, content FROM messages WHERE agent_id = ? ORDER BY seq",
+                (agent_id,),
+            )
+        if not rows:
+            return None
+        a, s, t, c, tt, tf, tn, tc = rows[0]
+        return AgentRecord(
+            a, s, t, tuple((r, m) for r, m in messages), tuple(unpack_chain(c)),
+            TailRecord(unpack_tokens(tt), KVFile(tf, tn, tc)) if tf else None,
+        )
+
+    async def block_files(self, block_ids: list[bytes]) -> dict[bytes, KVFile]:
+        """The files of those of ``block_ids`` that are on disk."""
+        found: dict[bytes, KVFile] = {}
+        async with self._transaction("read the catalog") as db:
+            for i in range(0, len(block_ids), 500):
+                part = block_ids[i : i + 500]
+                rows = await db.execute_fetchall(
+                    f"SELECT id, nbytes, checksum FROM blocks WHERE id IN "
+                    f"({','.join('?' * len(part))})", part,
+                )
+                found.update(
+                    {bytes(b): KVFile(block_file_name(bytes(b)), n, c) for b, n, c in rows}
+                )
+        return found
+
+    async def file_names(self) -> set[str]:
+        """Every file the catalog points at (blocks and tails)."""
+        async with self._transaction("read the catalog") as db:
+            blocks = await db.execute_fetchall("SELECT id FROM blocks")
+            tails = await db.execute_fetchall(
+                "SELECT tail_file FROM agents WHERE tail_file IS NOT NULL"
+            )
+        return {block_file_name(bytes(b)) for (b,) in blocks} | {t for (t,) in tails}
 
     async def add_agent(self, agent_id: str, system: str) -> None:
         """AgentExistsError if the store has an agent of this id."""
@@ -258,11 +283,9 @@ class Catalog:
         chain: list[bytes] | None,
         tail: TailRecord | None,
         new_blocks: list[tuple[bytes, KVFile]],
-        dead_blocks: list[bytes],
     ) -> None:
-        """One transaction: append messages, record the agent's chain and tail (chain
-        None: both unchanged) with the rows of its new blocks, and delete the rows of
-        blocks nobody holds."""
+        """One transaction: append messages, and record the agent's chain and tail (chain
+        None: both unchanged) with the rows of its new blocks."""
         async with self._transaction(f"commit a turn of {agent_id!r} to") as db:
             await db.executemany(
                 "INSERT OR IGNORE INTO blocks (id, nbytes, checksum) VALUES (?, ?, ?)",
@@ -282,7 +305,6 @@ class Catalog:
                      tail.file.name if tail else None, tail.file.nbytes if tail else None,
                      tail.file.checksum if tail else None, agent_id),
                 )
-            await db.executemany("DELETE FROM blocks WHERE id = ?", [(b,) for b in dead_blocks])
 
     async def forget_block(self, block_id: bytes) -> None:
         """Delete a damaged block's row (chains keep its id; a rebuild writes it again)."""

@@ -35,7 +35,7 @@ from ._engine import CutKV, FinishEvent
 from ._mlx import ModelInfo
 from ._renderer import Renderer
 from ._scheduler import Scheduler, StartTurn, TurnChannel
-from ._storage import NO_PREFIX, Checkout, Commit, Prefix, Storage
+from ._storage import NO_PREFIX, Checkout, Commit, Prefetch, Prefix, Storage
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -134,6 +134,10 @@ class AgentActor(Actor):
                                "commit: %s", self.agent_id, exc)
             return None
         raise TypeError(f"an agent cannot handle {message!r}")
+
+    async def prefetch(self) -> None:
+        """Ask the storage actor to bring this agent's KV into memory ahead of a turn."""
+        await self._services.storage.send(Prefetch(self.agent_id))
 
     def _messages(self, extra: Message) -> list[dict[str, str]]:
         return chat_messages(self.state.system, [*self.state.transcript, extra])

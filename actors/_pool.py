@@ -3,14 +3,15 @@
 Owned by the storage actor and touched only from its task. Blocks are immutable and
 shared: an agent's lease is a chain of block ids plus a partial tail of its own. Turns pin
 the blocks they run with; everything unpinned may be evicted when the hot bytes pass the
-budget, least recently used first and, within one agent's chain, from its end backwards
-(a chain's later blocks are useless without its earlier ones).
+budget, never those of an agent with a turn queued or running, least recently used first
+and, within one agent's chain, from its end backwards (a chain's later blocks are useless
+without its earlier ones).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -53,6 +54,9 @@ class Lease:
 class BlockPool:
     def __init__(self, budget: int) -> None:
         self.budget = budget
+        self.busy: Callable[[str], bool] = lambda agent_id: False
+        """Whether an agent has turns queued: its KV is not evicted (that of running turns
+        is pinned)."""
         self.blocks: dict[bytes, Block] = {}
         self.leases: dict[str, Lease] = {}
         self.hot_bytes = 0
@@ -173,14 +177,18 @@ class BlockPool:
         """
         if self.hot_bytes <= self.budget:
             return
+        busy = {agent_id for agent_id in self.leases if self.busy(agent_id)}
+        kept = {b for agent_id in busy for b in self.leases[agent_id].chain}
         candidates: list[tuple[int, int, Block | Tail, Lease | None]] = [
             (b.used, -b.position, b, None)
-            for b in self.blocks.values() if b.data is not None and b.pins == 0
+            for b in self.blocks.values()
+            if b.data is not None and b.pins == 0 and b.block_id not in kept
         ]
         candidates += [
             (lease.tail.used, -(1 << 30), lease.tail, lease)
-            for lease in self.leases.values()
+            for agent_id, lease in self.leases.items()
             if lease.tail is not None and lease.tail.data is not None and lease.tail.pins == 0
+            and agent_id not in busy
         ]
         candidates.sort(key=lambda c: (c[0], c[1]))
         for _, _, item, lease in candidates:

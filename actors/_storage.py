@@ -76,6 +76,14 @@ class Deactivate(Request[None]):
 
 
 @attrs.frozen
+class Prefetch(Request[None]):
+    """An agent's turn is coming: load its blocks and tail that left memory, so the
+    restore overlaps whatever runs before the turn (fire-and-forget)."""
+
+    agent_id: str
+
+
+@attrs.frozen
 class Prefix:
     """The KV a turn starts from, pinned until the turn's ``Commit`` hands it back."""
 
@@ -205,6 +213,7 @@ class Storage(Actor):
         self.bytes_written = 0
         self.bytes_read = 0
         self.blocks_on_disk = 0
+        self.prefetches = 0
 
     @property
     def _kv_dir(self) -> Path:
@@ -260,6 +269,8 @@ class Storage(Actor):
             return await self._fork(message)
         if isinstance(message, Activate):
             return await self._activate(message)
+        if isinstance(message, Prefetch):
+            return await self._prefetch(message)
         if isinstance(message, Deactivate):
             self.pool.release_lease(message.agent_id)
             return None
@@ -337,6 +348,32 @@ class Storage(Actor):
             pool.set_tail(lease, Tail(record.tail.tokens, None, record.tail.file.nbytes,
                                       record.tail.file))
         return record
+
+    async def _prefetch(self, message: Prefetch) -> None:
+        lease = self.pool.leases.get(message.agent_id)
+        if lease is None or self._catalog is None:
+            return
+        blocks: list[Block] = []
+        for block_id in lease.chain:
+            block = self.pool.blocks.get(block_id)
+            if block is None or (block.data is None and block.file is None):
+                break
+            blocks.append(block)
+        tail = lease.tail if len(blocks) == len(lease.chain) else None
+        if all(b.data is not None for b in blocks) and (tail is None or tail.data is not None):
+            return
+        for block in blocks:
+            block.pins += 1
+        if tail is not None:
+            tail.pins += 1
+        matched, kept = await self._restore(message.agent_id, blocks, tail)
+        for block in blocks:
+            block.pins -= 1
+        if kept is not None:
+            kept.pins -= 1
+        self.prefetches += 1
+        self.pool.touch(matched, kept)
+        self.pool.evict()
 
     def covered(self, agent_id: str) -> int:
         lease = self.pool.leases.get(agent_id)

@@ -96,9 +96,14 @@ class Actor(ABC):
         self.finished = anyio.Event()
 
     @property
+    def queued(self) -> int:
+        """Messages waiting in the mailbox."""
+        return self._mailbox_receive.statistics().current_buffer_used
+
+    @property
     def idle(self) -> bool:
         """Nothing running and nothing queued."""
-        return self._current is None and self._mailbox_receive.statistics().current_buffer_used == 0
+        return self._current is None and self.queued == 0
 
     @abstractmethod
     async def handle(self, message: Request[Any]) -> Any:

@@ -159,6 +159,8 @@ class RuntimeStatistics:
     evictions: int
     restores: int
     """Blocks loaded from disk."""
+    prefetches: int
+    """Times an agent's KV was loaded ahead of its turns, when the agent was activated."""
     rebuilds: int
     """Turns that prefilled again KV an agent had held (evicted with no copy, or damaged)."""
     store_bytes_written: int

@@ -79,6 +79,12 @@ class Runtime:
         self._activations: dict[str, anyio.Event] = {}
         self._reaper = anyio.CancelScope()
         self._closed = False
+        storage.pool.busy = self._busy
+
+    def _busy(self, agent_id: str) -> bool:
+        # Turns queued keep their agent's KV in memory (the storage's eviction policy).
+        actor = self._agents.get(agent_id)
+        return actor is not None and actor.queued > 0
 
     @property
     def model(self) -> ModelInfo:
@@ -138,6 +144,8 @@ class Runtime:
                 actor.stop()
             else:
                 self._start(actor)
+                # Addressed now, likely to speak soon: its KV starts coming back from disk.
+                await actor.prefetch()
             return actor
         finally:
             del self._activations[agent_id]
@@ -267,6 +275,7 @@ class Runtime:
             blocks_shared=pool.shared(),
             evictions=pool.evictions,
             restores=self._storage.restores,
+            prefetches=self._storage.prefetches,
             rebuilds=self._storage.rebuilds,
             store_bytes_written=self._storage.bytes_written,
             store_bytes_read=self._storage.bytes_read,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import troupe
 from conftest import PYTHON, TINY
@@ -263,3 +264,40 @@ async def test_a_fork_shares_blocks_diverges_and_survives_a_reopen(
         after_reopen = await twin.say("And then?", max_tokens=10)
     assert after_reopen.tokens == expected_after.tokens
     assert after_reopen.cached_tokens == expected_after.cached_tokens
+
+
+async def test_an_activated_agent_has_its_kv_prefetched(store: Path) -> None:
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        alice = await rt.spawn("alice", system=WORLD)
+        for m in ROUNDS[:2]:
+            await alice.say(m, max_tokens=10)
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        alice = await rt.get("alice")  # the storage actor starts loading its blocks now
+        reply = await alice.say(ROUNDS[2], max_tokens=10)
+        stats = rt.statistics()
+    assert stats.prefetches == 1
+    assert stats.restores > 0
+    assert stats.caches_loaded == 1  # by the prefetch: the turn found its KV in memory
+    assert reply.cached_tokens > 0
+
+
+async def test_the_kv_of_an_agent_with_a_turn_queued_is_not_evicted() -> None:
+    async def two_turns_at_once(**options: object) -> list[troupe.Reply]:
+        async with troupe.open_runtime(model=TINY, block_size=16, **options) as rt:  # type: ignore[arg-type]
+            alice = await rt.spawn("alice", system=WORLD)
+            replies: dict[int, troupe.Reply] = {}
+
+            async def say(i: int) -> None:
+                replies[i] = await alice.say(ROUNDS[i], max_tokens=10)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(say, 0)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(say, 1)  # queued behind the first
+            assert rt.statistics().rebuilds == 0
+            return [replies[0], replies[1]]
+
+    unlimited = await two_turns_at_once()
+    spilling = await two_turns_at_once(kv_budget=0)
+    assert spilling == unlimited
+    assert spilling[1].cached_tokens > spilling[0].prompt_tokens

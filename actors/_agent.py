@@ -87,6 +87,7 @@ class Services:
     scheduler: Scheduler
     storage: Storage
     counters: TurnCounters
+    admission: anyio.CapacityLimiter
     adopt_fork: Callable[[AgentActor, str], Awaitable[AgentActor]]
 
 
@@ -154,10 +155,26 @@ class AgentActor(Actor):
                 f"{turn.sampling.max_tokens} = {needed} exceeds the model's context of {limit}",
                 needed=needed, limit=limit,
             )
+        while True:
+            # Admitted turns are those the engine can take soon: only they pin KV.
+            await services.admission.acquire()
+            try:
+                # Shielded: the prefix comes back pinned; only this turn's Commit unpins it.
+                with anyio.CancelScope(shield=True):
+                    prefix = await services.storage.call(Checkout(self.agent_id, tuple(prompt)))
+                if prefix.wait is None:
+                    return await self._run(turn, user, prompt, prefix)
+            finally:
+                services.admission.release()
+            # Another turn is computing the blocks this prompt goes on with: wait for them,
+            # outside the admission, rather than prefill the same tokens twice.
+            await prefix.wait.wait()
+
+    async def _run(
+        self, turn: Turn, user: Message, prompt: list[int], prefix: Prefix
+    ) -> Reply:
+        services = self._services
         storage = services.storage
-        # Shielded: the prefix comes back pinned, and only this turn's Commit unpins it.
-        with anyio.CancelScope(shield=True):
-            prefix = await storage.call(Checkout(self.agent_id, tuple(prompt)))
         finish: FinishEvent | None = None
         kv_handed_back = False
         try:

@@ -91,6 +91,11 @@ class Prefix:
     cached: CachedPrefix | None
     pinned: tuple[Block, ...] = attrs.field(repr=False)
     pinned_tail: Tail | None = attrs.field(repr=False)
+    computing: tuple[bytes, ...] = ()
+    """Blocks this turn is the one to compute: turns that need them wait for its Commit."""
+    wait: anyio.Event | None = attrs.field(default=None, repr=False)
+    """Set instead of a prefix: another turn is computing the next block this prompt
+    needs; check out again once it is set."""
 
 
 NO_PREFIX = Prefix(0, None, (), None)
@@ -214,6 +219,7 @@ class Storage(Actor):
         self.bytes_read = 0
         self.blocks_on_disk = 0
         self.prefetches = 0
+        self._computing: dict[bytes, anyio.Event] = {}
 
     @property
     def _kv_dir(self) -> Path:
@@ -403,6 +409,13 @@ class Storage(Actor):
             if block is None or (block.data is None and block.file is None):
                 break
             known.append(block)
+        if len(known) < len(ids) and ids[len(known)] in self._computing:
+            return Prefix(0, None, (), None, wait=self._computing[ids[len(known)]])
+        computing = tuple(b for b in ids[len(known) :] if b not in self._computing)
+        if computing:
+            done = anyio.Event()
+            for block_id in computing:
+                self._computing[block_id] = done
         lease = pool.lease(message.agent_id)
         tail = lease.tail
         start = len(known) * size
@@ -429,10 +442,11 @@ class Storage(Actor):
             self.rebuilds += 1  # the agent's own blocks were lost: prefilled again
         pool.touch(matched, tail)
         if not matched and tail is None:
-            return NO_PREFIX
+            return Prefix(0, None, (), None, computing)
         cached = CachedPrefix([b.data for b in matched if b.data is not None],
                               tail.data if tail else None, tail_tokens)
-        return Prefix(len(matched) * size + tail_tokens, cached, tuple(matched), tail)
+        return Prefix(len(matched) * size + tail_tokens, cached, tuple(matched), tail,
+                      computing)
 
     async def _restore(
         self, agent_id: str, blocks: list[Block], tail: Tail | None
@@ -514,6 +528,10 @@ class Storage(Actor):
 
     async def _commit(self, message: Commit) -> int:
         pool, size = self.pool, self.block_size
+        for block_id in message.prefix.computing:
+            done = self._computing.pop(block_id, None)
+            if done is not None:
+                done.set()  # committed below, or not at all: waiters check out again
         for block in message.prefix.pinned:
             block.pins -= 1
         if message.prefix.pinned_tail is not None:

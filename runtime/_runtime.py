@@ -28,6 +28,8 @@ logger = logging.getLogger("troupe")
 
 DEFAULT_KV_BUDGET = "1GiB"
 DEFAULT_IDLE_TIMEOUT = 300.0
+# Turns admitted beyond the batch's rows: prefills ready to join as rows free up.
+PREFILL_SLACK = 8
 
 def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
     """Where the model comes from; the returned function runs on the engine thread."""
@@ -363,6 +365,8 @@ async def open_runtime(
             services = Services(
                 renderer=Renderer(engine.model.tokenizer, info.context_length), info=info,
                 scheduler=scheduler, storage=storage, counters=TurnCounters(),
+                # Only admitted turns pin KV: the batch's rows and prefills about to join.
+                admission=anyio.CapacityLimiter(max_batch_size + PREFILL_SLACK),
                 adopt_fork=_unbound_fork,
             )
             runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size,

@@ -301,3 +301,25 @@ async def test_the_kv_of_an_agent_with_a_turn_queued_is_not_evicted() -> None:
     spilling = await two_turns_at_once(kv_budget=0)
     assert spilling == unlimited
     assert spilling[1].cached_tokens > spilling[0].prompt_tokens
+
+
+async def test_agents_starting_at_once_prefill_a_shared_prompt_once() -> None:
+    system = WORLD * 3  # about 550 tokens: 34 blocks of 16
+    async with troupe.open_runtime(model=TINY, block_size=16) as rt:
+        alone = await (await rt.spawn("alone", system=system)).say("Hello", max_tokens=4)
+    async with troupe.open_runtime(model=TINY, block_size=16) as rt:
+        crowd = [await rt.spawn(f"a{i}", system=system) for i in range(20)]
+        replies: list[troupe.Reply] = []
+
+        async def say(agent: troupe.Agent) -> None:
+            replies.append(await agent.say("Hello", max_tokens=4))
+
+        async with trio.open_nursery() as nursery:
+            for agent in crowd:
+                nursery.start_soon(say, agent)
+        stats = rt.statistics()
+    assert all(r.tokens == alone.tokens for r in replies)
+    # One agent prefilled the shared blocks; the others waited for them and reused them.
+    assert sorted(r.cached_tokens for r in replies)[0] == 0
+    assert sum(1 for r in replies if r.cached_tokens >= alone.prompt_tokens - 16) == 19
+    assert stats.tokens_prefilled < alone.prompt_tokens + 20 * 16

@@ -35,7 +35,7 @@ from ._engine import CutKV, FinishEvent
 from ._mlx import ModelInfo
 from ._renderer import Renderer
 from ._scheduler import Scheduler, StartTurn, TurnChannel
-from ._storage import NO_PREFIX, Checkout, Commit, Prefetch, Prefix, Storage
+from ._storage import NO_PREFIX, Checkout, Commit, Install, Prefetch, Prefix, Storage
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -178,6 +178,11 @@ class AgentActor(Actor):
         finish: FinishEvent | None = None
         kv_handed_back = False
         try:
+            if prefix.cold is not None:
+                # Part of the prefix is on disk: load it here, overlapping other restores.
+                loaded = await storage.load(prefix.cold)
+                with anyio.CancelScope(shield=True):
+                    prefix = await storage.call(Install(self.agent_id, prefix, loaded))
             seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
             start = StartTurn(prompt[prefix.tokens :], prompt[: prefix.tokens], prefix.cached,
                               turn.sampling, seed, storage.block_size,

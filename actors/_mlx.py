@@ -272,15 +272,6 @@ def cache_tokens(cache: KVLayers) -> int:
     return int(cache[0].offset) if cache else 0
 
 
-def trim_cache(cache: KVLayers, keep: int) -> None:
-    """Cut a cache back to its first ``keep`` tokens, in place."""
-    from mlx_lm.models.cache import trim_prompt_cache
-
-    excess = cache_tokens(cache) - keep
-    if excess > 0:
-        trim_prompt_cache(cache, excess)
-
-
 KVBlock = list[tuple[mx.array, mx.array]]
 """One run of tokens' keys and values, per layer: evaluated, contiguous, owned."""
 
@@ -371,28 +362,6 @@ def assemble(parts: list[KVBlock]) -> KVLayers:
         values = [part[i][1] for part in parts]
         layer.keys = keys[0] if len(keys) == 1 else mx.concatenate(keys, axis=2)
         layer.values = values[0] if len(values) == 1 else mx.concatenate(values, axis=2)
-        layer.offset = int(layer.keys.shape[2])
-        layers.append(layer)
-    return layers
-
-
-def cache_arrays(cache: KVLayers) -> dict[str, mx.array]:
-    """The filled part of each layer's keys and values, by name (no growth slack)."""
-    arrays: dict[str, mx.array] = {}
-    for i, layer in enumerate(cache):
-        arrays[f"{i}.keys"] = layer.keys[..., : layer.offset, :]
-        arrays[f"{i}.values"] = layer.values[..., : layer.offset, :]
-    return arrays
-
-
-def cache_from_arrays(arrays: dict[str, mx.array], num_layers: int) -> KVLayers:
-    """Rebuild KVCache layers from ``cache_arrays`` output."""
-    from mlx_lm.models.cache import KVCache
-
-    layers: KVLayers = []
-    for i in range(num_layers):
-        layer = KVCache()
-        layer.keys, layer.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
         layer.offset = int(layer.keys.shape[2])
         layers.append(layer)
     return layers

@@ -37,7 +37,7 @@ from ..storage._blocks import (
 from ..storage._catalog import AgentRecord, Catalog, TailRecord
 from ..storage._faults import store_error
 from ._engine import CachedPrefix, CutKV, Engine
-from ._mlx import BlockLayout, ModelInfo, block_bytes
+from ._mlx import BlockLayout, KVBlock, ModelInfo, block_bytes
 from ._pool import Block, BlockPool, Lease, Tail
 
 logger = logging.getLogger("troupe")
@@ -84,6 +84,71 @@ class Prefetch(Request[None]):
 
 
 @attrs.frozen
+class ColdKV:
+    """What a checkout found only on disk, for the turn to load: the blocks ``known`` (a
+    run of the prompt's ``ids``) and the agent's ``tail``; ``items`` are those not in
+    memory, in order."""
+
+    agent_id: str
+    ids: tuple[bytes, ...]
+    known: tuple[Block, ...] = attrs.field(repr=False)
+    tail: Tail | None = attrs.field(repr=False)
+    tail_tokens: int
+    items: tuple[Block | Tail, ...] = attrs.field(repr=False)
+
+    @classmethod
+    def of(
+        cls, agent_id: str, ids: tuple[bytes, ...], known: tuple[Block, ...],
+        tail: Tail | None, tail_tokens: int,
+    ) -> ColdKV:
+        # Fixed now: another turn may load some of them before this one's Install.
+        items: list[Block | Tail] = [b for b in known if b.data is None]
+        if tail is not None and tail.data is None:
+            items.append(tail)
+        return cls(agent_id, ids, known, tail, tail_tokens, tuple(items))
+
+
+@attrs.frozen
+class LoadedKV:
+    """The arrays ``load_cold`` made, in order, until ``failure`` (if a file failed)."""
+
+    blocks: list[KVBlock] = attrs.field(repr=False)
+    sizes: list[int]
+    failure: StoreError | None
+
+
+async def load_cold(
+    engine: Engine, directory: Path, layout: BlockLayout, block_size: int, cold: ColdKV
+) -> LoadedKV:
+    """Read and check the files on a worker thread, then make arrays on the engine thread.
+
+    Runs in the task of the turn that needs them (many at once), not in the storage actor.
+    """
+    items = cold.items
+    raw: list[bytes] = []
+    failure: StoreError | None = None
+
+    def read_all() -> None:
+        nonlocal failure
+        for item in items:
+            assert item.file is not None
+            try:
+                raw.append(read_kv(directory, item.file))
+            except StoreError as exc:
+                failure = exc
+                return
+
+    await anyio.to_thread.run_sync(read_all)
+    counts = [block_size if isinstance(i, Block) else len(i.tokens) for i in items]
+    blocks: list[KVBlock] = []
+    if raw:
+        blocks = await engine.run(
+            lambda: [layout.from_bytes(d, n) for d, n in zip(raw, counts, strict=False)]
+        )
+    return LoadedKV(blocks, [len(d) for d in raw], failure)
+
+
+@attrs.frozen
 class Prefix:
     """The KV a turn starts from, pinned until the turn's ``Commit`` hands it back."""
 
@@ -96,6 +161,8 @@ class Prefix:
     wait: anyio.Event | None = attrs.field(default=None, repr=False)
     """Set instead of a prefix: another turn is computing the next block this prompt
     needs; check out again once it is set."""
+    cold: ColdKV | None = attrs.field(default=None, repr=False)
+    """Set while part of the prefix is only on disk: ``load_cold`` it, then ``Install``."""
 
 
 NO_PREFIX = Prefix(0, None, (), None)
@@ -104,10 +171,23 @@ NO_PREFIX = Prefix(0, None, (), None)
 @attrs.frozen
 class Checkout(Request[Prefix]):
     """Pin the longest run of known blocks (and the agent's tail) that ``prompt`` starts
-    with, restoring from disk what left memory."""
+    with, restoring from disk what left memory; or, if another turn is computing the next
+    block, say so (``Prefix.wait``)."""
 
     agent_id: str
     prompt: tuple[int, ...]
+
+
+@attrs.frozen
+class Install(Request[Prefix]):
+    """Hand the KV a turn loaded (``load_cold``) to the storage; returns the prefix the
+    turn runs with (shorter, if a file failed its check)."""
+
+    agent_id: str
+    prefix: Prefix
+    loaded: LoadedKV
+    turn: bool = True
+    """False for a prefetch: no turn follows, and nothing is counted as rebuilt."""
 
 
 @attrs.frozen
@@ -275,6 +355,8 @@ class Storage(Actor):
             return await self._fork(message)
         if isinstance(message, Activate):
             return await self._activate(message)
+        if isinstance(message, Install):
+            return await self._install(message)
         if isinstance(message, Prefetch):
             return await self._prefetch(message)
         if isinstance(message, Deactivate):
@@ -357,7 +439,7 @@ class Storage(Actor):
 
     async def _prefetch(self, message: Prefetch) -> None:
         lease = self.pool.leases.get(message.agent_id)
-        if lease is None or self._catalog is None:
+        if lease is None or self._catalog is None or self._layout is None:
             return
         blocks: list[Block] = []
         for block_id in lease.chain:
@@ -366,20 +448,30 @@ class Storage(Actor):
                 break
             blocks.append(block)
         tail = lease.tail if len(blocks) == len(lease.chain) else None
-        if all(b.data is not None for b in blocks) and (tail is None or tail.data is not None):
+        cold = ColdKV.of(message.agent_id, tuple(lease.chain), tuple(blocks), tail,
+                         len(tail.tokens) if tail else 0)
+        if not cold.items:
             return
         for block in blocks:
             block.pins += 1
         if tail is not None:
             tail.pins += 1
-        matched, kept = await self._restore(message.agent_id, blocks, tail)
-        for block in blocks:
+        pinned = Prefix(0, None, tuple(blocks), tail, cold=cold)
+        loaded = await load_cold(self._engine, self._kv_dir, self._layout, self.block_size,
+                                 cold)
+        prefix = await self._install(Install(message.agent_id, pinned, loaded, turn=False))
+        for block in prefix.pinned:
             block.pins -= 1
-        if kept is not None:
-            kept.pins -= 1
+        if prefix.pinned_tail is not None:
+            prefix.pinned_tail.pins -= 1
         self.prefetches += 1
-        self.pool.touch(matched, kept)
         self.pool.evict()
+
+    async def load(self, cold: ColdKV) -> LoadedKV:
+        """``load_cold`` for this store; called from a turn's task (no actor state)."""
+        assert self._layout is not None
+        return await load_cold(self._engine, self._kv_dir, self._layout, self.block_size,
+                               cold)
 
     def covered(self, agent_id: str) -> int:
         lease = self.pool.leases.get(agent_id)
@@ -416,7 +508,25 @@ class Storage(Actor):
             done = anyio.Event()
             for block_id in computing:
                 self._computing[block_id] = done
-        lease = pool.lease(message.agent_id)
+        try:
+            return await self._pin_prefix(message, ids, known, computing)
+        except BaseException:
+            self._computed(computing)  # no turn will follow: nobody must wait for it
+            raise
+
+    def _computed(self, computing: tuple[bytes, ...]) -> None:
+        for block_id in computing:
+            done = self._computing.pop(block_id, None)
+            if done is not None:
+                done.set()
+
+    async def _pin_prefix(
+        self, message: Checkout, ids: list[bytes], known: list[Block],
+        computing: tuple[bytes, ...],
+    ) -> Prefix:
+        size, prompt = self.block_size, message.prompt
+        limit = len(prompt) - 1
+        lease = self.pool.lease(message.agent_id)
         tail = lease.tail
         start = len(known) * size
         tail_tokens = 0
@@ -425,22 +535,30 @@ class Storage(Actor):
             tail_tokens = _common_prefix(tail.tokens, prompt[start:limit])
         if not tail_tokens:
             tail = None
-        # Pinned before any await: eviction must not take them while restores run.
+        # Pinned until the turn's Commit: eviction must not take them meanwhile.
         for block in known:
             block.pins += 1
         if tail is not None:
             tail.pins += 1
-        matched, tail = await self._restore(message.agent_id, known, tail)
-        for block in known[len(matched) :]:
-            block.pins -= 1
-        if tail is None:
-            tail_tokens = 0
+        cold = ColdKV.of(message.agent_id, tuple(ids), tuple(known), tail, tail_tokens)
+        if cold.items:
+            # Loaded by the turn's own task (load_cold), so that restores of many agents
+            # overlap instead of queueing here; handed back with Install.
+            return Prefix(0, None, tuple(known), tail, computing, cold=cold)
+        return self._finish(cold, list(known), tail, computing)
+
+    def _finish(
+        self, cold: ColdKV, matched: list[Block], tail: Tail | None,
+        computing: tuple[bytes, ...], *, turn: bool = True,
+    ) -> Prefix:
+        size, lease = self.block_size, self.pool.lease(cold.agent_id)
+        tail_tokens = cold.tail_tokens if tail is not None else 0
         held = 0
-        while held < min(len(lease.chain), len(ids)) and lease.chain[held] == ids[held]:
+        while held < min(len(lease.chain), len(cold.ids)) and lease.chain[held] == cold.ids[held]:
             held += 1
-        if held > len(matched):
+        if turn and held > len(matched):
             self.rebuilds += 1  # the agent's own blocks were lost: prefilled again
-        pool.touch(matched, tail)
+        self.pool.touch(matched, tail)
         if not matched and tail is None:
             return Prefix(0, None, (), None, computing)
         cached = CachedPrefix([b.data for b in matched if b.data is not None],
@@ -448,57 +566,39 @@ class Storage(Actor):
         return Prefix(len(matched) * size + tail_tokens, cached, tuple(matched), tail,
                       computing)
 
-    async def _restore(
-        self, agent_id: str, blocks: list[Block], tail: Tail | None
-    ) -> tuple[list[Block], Tail | None]:
-        """Bring ``blocks`` (then ``tail``) into memory; returns the run of them that made
-        it. A damaged or missing file ends the run: from there the turn prefills, and a
-        pinned item that did not make it is unpinned."""
-        cold: list[Block | Tail] = [b for b in blocks if b.data is None]
-        if tail is not None and tail.data is None:
-            cold.append(tail)
-        if not cold:
-            return blocks, tail
-        assert self._layout is not None
-        directory, layout, size = self._kv_dir, self._layout, self.block_size
-        loaded: list[bytes] = []
-        failure: StoreError | None = None
-
-        def read_all() -> None:
-            nonlocal failure
-            for item in cold:
-                assert item.file is not None
-                try:
-                    loaded.append(read_kv(directory, item.file))
-                except StoreError as exc:
-                    failure = exc
-                    return
-
-        await anyio.to_thread.run_sync(read_all)
-        if loaded:
+    async def _install(self, message: Install) -> Prefix:
+        """Take the KV a turn loaded for its checkout; a file that failed its check ends
+        the prefix there (the turn prefills the rest) and is dropped from the store."""
+        prefix, loaded = message.prefix, message.loaded
+        cold = prefix.cold
+        assert cold is not None
+        items = cold.items
+        if loaded.blocks:
             self.caches_loaded += 1
-            counts = [size if isinstance(i, Block) else len(i.tokens) for i in cold]
-            datas = await self._engine.run(
-                lambda: [layout.from_bytes(d, n) for d, n in zip(loaded, counts, strict=False)]
-            )
-            for item, data, raw in zip(cold, datas, loaded, strict=False):
-                if isinstance(item, Block):
-                    self.pool.load(item, data)
-                else:
-                    self.pool.load_tail(item, data)
-                self.restores += 1
-                self.bytes_read += len(raw)
-        if failure is None:
-            return blocks, tail
-        bad = cold[len(loaded)]
-        logger.warning("agent %r: %s; its context is prefilled from there", agent_id, failure)
-        if tail is not None:
-            tail.pins -= 1
-        if isinstance(bad, Tail):
-            await self._forget_tail(agent_id)
-            return blocks, None
-        await self._forget_block(bad)
-        return blocks[: blocks.index(bad)], None
+        for item, data, nbytes in zip(items, loaded.blocks, loaded.sizes, strict=False):
+            if isinstance(item, Block):
+                self.pool.load(item, data)
+            else:
+                self.pool.load_tail(item, data)
+            self.restores += 1
+            self.bytes_read += nbytes
+        matched, tail = list(cold.known), cold.tail
+        if loaded.failure is not None:
+            bad = items[len(loaded.blocks)]
+            logger.warning("agent %r: %s; its context is prefilled from there",
+                           cold.agent_id, loaded.failure)
+            if tail is not None:
+                tail.pins -= 1
+                tail = None
+            if isinstance(bad, Block):
+                cut = matched.index(bad)
+                for block in matched[cut:]:
+                    block.pins -= 1
+                matched = matched[:cut]
+                await self._forget_block(bad)
+            else:
+                await self._forget_tail(cold.agent_id)
+        return self._finish(cold, matched, tail, prefix.computing, turn=message.turn)
 
     async def _forget_block(self, block: Block) -> None:
         if self._catalog is not None and self._sqlite is not None and block.file is not None:
@@ -528,10 +628,7 @@ class Storage(Actor):
 
     async def _commit(self, message: Commit) -> int:
         pool, size = self.pool, self.block_size
-        for block_id in message.prefix.computing:
-            done = self._computing.pop(block_id, None)
-            if done is not None:
-                done.set()  # committed below, or not at all: waiters check out again
+        self._computed(message.prefix.computing)  # committed below, or not at all
         for block in message.prefix.pinned:
             block.pins -= 1
         if message.prefix.pinned_tail is not None:

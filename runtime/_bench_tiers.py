@@ -112,14 +112,15 @@ def _peak_rss_mb() -> float:
 
 
 async def bench_scale(
-    *, model: str, agents: int, turns: int, budget: str, max_tokens: int,
+    *, model: str, agents: int, turns: int, budget: str, max_tokens: int, batch: int,
     out: TextIO = sys.stdout,
 ) -> None:
     print(f"troupe bench scale: {agents} agents x {turns} turns, model {model!r}, "
-          f"budget {budget}, BLAS {BLAS.name}", file=out, flush=True)
+          f"budget {budget}, batch {batch}, BLAS {BLAS.name}", file=out, flush=True)
     rss_before = _peak_rss_mb()
     with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
-        async with open_runtime(model=model, store=store, kv_budget=budget) as rt:
+        async with open_runtime(model=model, store=store, kv_budget=budget,
+                                max_batch_size=batch) as rt:
             model_mb = Path(rt.model.path).joinpath("model.safetensors").stat().st_size / 1e6
             world = _text(1000, "The world.", await _chars_per_token(rt))
             crowd = [await rt.spawn(f"v{i}", system=f"{world} You are villager {i}.")

@@ -139,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="scale: turns each agent takes (default 2)")
     bench.add_argument("--budget", type=_budget, default="64MB",
                        help="scale: the KV memory budget (default 64MB)")
+    bench.add_argument("--batch", type=_int_in(1, 256), default=16,
+                       help="scale: max_batch_size (default 16)")
     return parser
 
 
@@ -191,7 +193,8 @@ async def _bench(args: argparse.Namespace) -> None:
         await bench_bytes(model=model)
     elif args.which == "scale":
         await bench_scale(model=model, agents=args.agents or 1000, turns=args.turns,
-                          budget=args.budget, max_tokens=args.max_tokens or 8)
+                          budget=args.budget, max_tokens=args.max_tokens or 8,
+                          batch=args.batch)
     else:
         if (args.agents or 8) > MAX_AGENTS:
             raise ValueError(f"bench batching takes at most {MAX_AGENTS} agents")

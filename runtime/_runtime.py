@@ -309,7 +309,7 @@ async def open_runtime(
     store: str | os.PathLike[str] | None = None,
     *,
     max_batch_size: int = 32,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = 128,
     mailbox_size: int = 16,
     kv_budget: int | str = DEFAULT_KV_BUDGET,
     block_size: int = DEFAULT_BLOCK_SIZE,

@@ -55,9 +55,12 @@ async def test_greedy_replies_are_identical_whatever_the_budget(
         assert snapshot.kv_hot_bytes <= snapshot.kv_budget == 0
         assert snapshot.evictions > 0
     if with_store:
-        # Every block came back from disk: nothing was prefilled twice.
-        assert [[r.cached_tokens for r in rs] for rs in spilled] == [
-            [r.cached_tokens for r in rs] for rs in unlimited]
+        # Every block came back from disk: nothing was prefilled twice. (Which agent of a
+        # round computes the shared blocks and which wait for them varies; the counts not.)
+        def per_round(replies: list[list[troupe.Reply]]) -> list[list[int]]:
+            return [sorted(rs[k].cached_tokens for rs in replies) for k in range(len(ROUNDS))]
+
+        assert per_round(spilled) == per_round(unlimited)
         assert stats[-1].restores > 0
         assert stats[-1].rebuilds == 0
     else:

@@ -2,10 +2,10 @@
 
 Owned by the storage actor and touched only from its task. Blocks are immutable and
 shared: an agent's lease is a chain of block ids plus a partial tail of its own. Turns pin
-the blocks they run with; everything unpinned may be evicted when the hot bytes pass the
-budget, never those of an agent with a turn queued or running, least recently used first
-and, within one agent's chain, from its end backwards (a chain's later blocks are useless
-without its earlier ones).
+the blocks they run with; when the hot bytes pass the budget, unpinned KV is evicted
+(never that of an agent with a turn queued), least recently used first and, within one
+agent's chain, from its end backwards (a chain's later blocks are useless without its
+earlier ones).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from ._mlx import KVBlock, block_nbytes
 
 @attrs.define(eq=False)
 class Block:
+    """One full block: its KV in memory (``data``) and/or on disk (``file``); ``refs``
+    counts the active leases whose chains hold it, ``pins`` the turns running with it."""
+
     block_id: bytes
     position: int
     data: KVBlock | None
@@ -52,6 +55,8 @@ class Lease:
 
 
 class BlockPool:
+    """The blocks, tails and leases of one runtime, and the hot bytes they hold."""
+
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.busy: Callable[[str], bool] = lambda agent_id: False

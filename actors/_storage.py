@@ -15,6 +15,7 @@ import fcntl
 import logging
 import re
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -345,23 +346,14 @@ class Storage(Actor):
             raise store_error(self.root or Path("."), "use the store", exc) from exc
 
     async def _dispatch(self, message: Request[Any]) -> Any:
-        if isinstance(message, Checkout):
-            return await self._checkout(message)
-        if isinstance(message, Commit):
-            return await self._commit(message)
-        if isinstance(message, AddAgent):
-            return await self._add(message)
-        if isinstance(message, ForkAgent):
-            return await self._fork(message)
-        if isinstance(message, Activate):
-            return await self._activate(message)
-        if isinstance(message, Install):
-            return await self._install(message)
-        if isinstance(message, Prefetch):
-            return await self._prefetch(message)
-        if isinstance(message, Deactivate):
-            self.pool.release_lease(message.agent_id)
-            return None
+        handlers: dict[type[Request[Any]], Callable[[Any], Awaitable[Any]]] = {
+            Checkout: self._checkout, Install: self._install, Commit: self._commit,
+            AddAgent: self._add, ForkAgent: self._fork, Activate: self._activate,
+            Deactivate: self._deactivate, Prefetch: self._prefetch,
+        }
+        handler = handlers.get(type(message))
+        if handler is not None:
+            return await handler(message)
         raise TypeError(f"storage cannot handle {message!r}")
 
     async def _add(self, message: AddAgent) -> None:
@@ -401,7 +393,7 @@ class Storage(Actor):
                     record = TailRecord(tail.tokens, file)
             try:
                 await self._sqlite.run(
-                    self._catalog.add_fork, message.new_id, message.system, message.messages,
+                    self._catalog.add_agent, message.new_id, message.system, message.messages,
                     message.turns, stored, record,
                 )
             except BaseException:
@@ -415,6 +407,9 @@ class Storage(Actor):
         pool.set_tail(lease, tail)
         pool.evict()
         return self.covered(message.new_id)
+
+    async def _deactivate(self, message: Deactivate) -> None:
+        self.pool.release_lease(message.agent_id)
 
     async def _activate(self, message: Activate) -> AgentRecord | None:
         """Read a stored agent and take up its lease (its KV stays where it is)."""

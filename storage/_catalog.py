@@ -230,29 +230,16 @@ class Catalog:
             )
         return {block_file_name(bytes(b)) for (b,) in blocks} | {t for (t,) in tails}
 
-    async def add_agent(self, agent_id: str, system: str) -> None:
-        """AgentExistsError if the store has an agent of this id."""
-        try:
-            async with self._transaction(f"add agent {agent_id!r} to") as db:
-                await db.execute(
-                    "INSERT INTO agents (id, system, created) VALUES (?, ?, ?)",
-                    (agent_id, system, time.time()),
-                )
-        except StoreError as exc:
-            if isinstance(exc.__cause__, sqlite3.IntegrityError):
-                raise AgentExistsError(f"agent {agent_id!r} exists in the store") from None
-            raise
-
-    async def add_fork(
+    async def add_agent(
         self,
         agent_id: str,
         system: str,
-        messages: list[tuple[str, str]],
-        turns: int,
-        chain: list[bytes],
-        tail: TailRecord | None,
+        messages: list[tuple[str, str]] | None = None,
+        turns: int = 0,
+        chain: list[bytes] | None = None,
+        tail: TailRecord | None = None,
     ) -> None:
-        """A new agent with the given transcript, chain and tail, in one transaction.
+        """A new agent (a fork: with a transcript, chain and tail), in one transaction.
 
         AgentExistsError if the store has an agent of this id.
         """
@@ -261,13 +248,13 @@ class Catalog:
                 await db.execute(
                     "INSERT INTO agents (id, system, created, turns, chain, tail, tail_file, "
                     "tail_nbytes, tail_checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (agent_id, system, time.time(), turns, pack_chain(chain),
+                    (agent_id, system, time.time(), turns, pack_chain(chain or []),
                      pack_tokens(tail.tokens) if tail else b"", tail.file.name if tail else None,
                      tail.file.nbytes if tail else None, tail.file.checksum if tail else None),
                 )
                 await db.executemany(
                     "INSERT INTO messages (agent_id, seq, role, content) VALUES (?, ?, ?, ?)",
-                    [(agent_id, i, r, c) for i, (r, c) in enumerate(messages)],
+                    [(agent_id, i, r, c) for i, (r, c) in enumerate(messages or [])],
                 )
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):

@@ -158,6 +158,6 @@ async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str
 
     returncode, progress, stderr = await trio.to_thread.run_sync(interrupt)
     assert progress, stderr
-    assert returncode == 130
+    assert returncode == 130, stderr
     lines = _error_lines(stderr, note=troupe.BLAS.name == REFERENCE)
     assert lines == ["troupe: interrupted"]

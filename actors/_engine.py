@@ -7,6 +7,7 @@ event loop in one hop (``anyio.from_thread.run_sync``), so the loop never waits 
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import queue
@@ -221,8 +222,14 @@ class Engine:
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._token is not None
-        with contextlib.suppress(anyio.RunFinishedError):
+        try:
             anyio.from_thread.run_sync(fn, *args, token=self._token)
+        except anyio.RunFinishedError:
+            pass
+        except KeyboardInterrupt:
+            # Ctrl-C landed in our callback on the loop (trio runs it unprotected) and came
+            # back here: it is the host's, not the engine's. Raise it again where it belongs.
+            _thread.interrupt_main()
 
     def _load(self) -> ModelInfo:
         self._model = LoadedModel(self._model_source())

@@ -103,6 +103,8 @@ class AgentActor(Actor):
         self.cached = services.storage.covered(agent_id)
         self.deactivated = False
         """Set when the runtime retired this actor for being idle; handles activate anew."""
+        self.successor: AgentActor | None = None
+        """The actor that took over this agent after this one was retired."""
         self.last_active = anyio.current_time()
         self.renderer = services.renderer
         self.tokens_generated = 0
@@ -333,14 +335,21 @@ class Agent:
         """Queue ``message`` with the agent's actor, activating the agent again if the
         runtime retired its actor for being idle."""
         while True:
-            if self._actor.deactivated:
-                self._actor = await self._activate(self.id)
-            actor = self._actor
+            actor = self._latest()
+            if actor.deactivated:
+                actor = self._actor = await self._activate(self.id)
             try:
                 return await actor.submit(message, detached=detached)
             except RuntimeClosedError:
                 if not actor.deactivated:
                     raise
+
+    def _latest(self) -> AgentActor:
+        # After idle retirement and activation (maybe through another handle), the agent's
+        # state lives in the newest actor; a retired one still holds what the store has.
+        while self._actor.successor is not None:
+            self._actor = self._actor.successor
+        return self._actor
 
     @property
     def id(self) -> str:
@@ -348,16 +357,17 @@ class Agent:
 
     @property
     def system(self) -> str:
-        return self._actor.state.system
+        return self._latest().state.system
 
     def __repr__(self) -> str:
         return f"<Agent {self.id!r}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Agent) and other._actor is self._actor
+        return (isinstance(other, Agent) and other.id == self.id
+                and other._activate == self._activate)
 
     def __hash__(self) -> int:
-        return hash(self._actor)
+        return hash(self.id)
 
     async def say(
         self,
@@ -431,11 +441,11 @@ class Agent:
 
     def transcript(self) -> tuple[Message, ...]:
         """The conversation so far, oldest first (the system prompt not included)."""
-        return tuple(self._actor.state.transcript)
+        return tuple(self._latest().state.transcript)
 
     def statistics(self) -> AgentStatistics:
         """A snapshot of this agent's counters."""
-        return self._actor.statistics()
+        return self._latest().statistics()
 
 
 class ReplyStream:

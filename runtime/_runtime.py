@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -79,6 +80,10 @@ class Runtime:
         self._ids: dict[str, None] = dict.fromkeys(stored_ids)
         self._agents: dict[str, AgentActor] = {}
         self._activations: dict[str, anyio.Event] = {}
+        # Retired actors some handle still holds: their successor is linked on activation.
+        self._retired: weakref.WeakValueDictionary[str, AgentActor] = (
+            weakref.WeakValueDictionary()
+        )
         self._reaper = anyio.CancelScope()
         self._closed = False
         storage.pool.busy = self._busy
@@ -142,6 +147,9 @@ class Runtime:
             actor = AgentActor(agent_id, AgentState.from_record(record), self._services,
                                self._mailbox_size)
             self._agents[agent_id] = actor
+            retired = self._retired.pop(agent_id, None)
+            if retired is not None:
+                retired.successor = actor
             if self._closed:
                 actor.stop()
             else:
@@ -170,6 +178,7 @@ class Runtime:
             actor.deactivated = True
             actor.stop()  # idle: nothing is queued or running
             del self._agents[agent_id]
+            self._retired[agent_id] = actor
             await self._storage.send(Deactivate(agent_id))
         finally:
             del self._activations[agent_id]

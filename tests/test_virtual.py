@@ -93,6 +93,16 @@ async def test_idle_agents_are_deactivated_and_come_back(
         assert rt.statistics().agents_active == 1
         assert alice.transcript()[2:] == (
             troupe.Message("user", "Again"), troupe.Message("assistant", second.text))
+        # Retired and activated again through another handle: every handle sees one agent.
+        mock_clock.jump(75)
+        await trio.testing.wait_all_tasks_blocked()
+        assert rt.statistics().agents_active == 0
+        other = await rt.get("alice")
+        await other.tell("Bob says hello.")
+        await other.say("Hi", max_tokens=2)
+        assert other == alice
+        assert alice.transcript() == other.transcript()
+        assert len(alice.transcript()) == 7
     assert first.tokens == expected[0].tokens
     assert second.tokens == expected[1].tokens
     assert second.cached_tokens == expected[1].cached_tokens  # its KV stayed in the tiers

@@ -80,6 +80,26 @@ class BlockPool:
     def shared(self) -> int:
         return sum(1 for b in self.blocks.values() if b.refs > 1)
 
+    def available(self, ids: Iterable[bytes]) -> list[Block]:
+        """The blocks of the longest run of ``ids`` that memory or disk holds."""
+        run: list[Block] = []
+        for block_id in ids:
+            block = self.blocks.get(block_id)
+            if block is None or (block.data is None and block.file is None):
+                break
+            run.append(block)
+        return run
+
+    def on_disk(self, chain: Iterable[bytes]) -> list[bytes]:
+        """The longest run of ``chain`` whose blocks are on disk (what a catalog may hold)."""
+        run: list[bytes] = []
+        for block_id in chain:
+            block = self.blocks.get(block_id)
+            if block is None or block.file is None:
+                break
+            run.append(block_id)
+        return run
+
     def known(self, block_id: bytes, file: KVFile | None) -> Block | None:
         """The entry of a block, made from its catalog record if memory has none."""
         block = self.blocks.get(block_id)

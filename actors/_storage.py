@@ -38,7 +38,7 @@ from ..storage._blocks import (
 from ..storage._catalog import AgentRecord, Catalog, TailRecord
 from ..storage._faults import store_error
 from ._engine import CachedPrefix, CutKV, Engine
-from ._mlx import BlockLayout, KVBlock, ModelInfo, block_bytes
+from ._mlx import BlockLayout, KVBlock, ModelInfo, block_bytes, block_nbytes
 from ._pool import Block, BlockPool, Lease, Tail
 
 logger = logging.getLogger("troupe")
@@ -374,12 +374,7 @@ class Storage(Actor):
             tail = Tail(old.tokens, old.data, old.nbytes)
         if self._catalog is not None:
             assert self._sqlite is not None
-            stored = []
-            for block_id in chain:
-                block = pool.blocks.get(block_id)
-                if block is None or block.file is None:
-                    break
-                stored.append(block_id)
+            stored = pool.on_disk(chain)
             record: TailRecord | None = None
             if tail is not None and source.tail is not None and source.tail.file is not None \
                     and stored == chain:
@@ -436,12 +431,7 @@ class Storage(Actor):
         lease = self.pool.leases.get(message.agent_id)
         if lease is None or self._catalog is None or self._layout is None:
             return
-        blocks: list[Block] = []
-        for block_id in lease.chain:
-            block = self.pool.blocks.get(block_id)
-            if block is None or (block.data is None and block.file is None):
-                break
-            blocks.append(block)
+        blocks = self.pool.available(lease.chain)
         tail = lease.tail if len(blocks) == len(lease.chain) else None
         cold = ColdKV.of(message.agent_id, tuple(lease.chain), tuple(blocks), tail,
                          len(tail.tokens) if tail else 0)
@@ -490,12 +480,7 @@ class Storage(Actor):
             files = await self._sqlite.run(self._catalog.block_files, unknown)
             for block_id, file in files.items():
                 pool.known(block_id, file)
-        known: list[Block] = []
-        for block_id in ids:
-            block = pool.blocks.get(block_id)
-            if block is None or (block.data is None and block.file is None):
-                break
-            known.append(block)
+        known = pool.available(ids)
         if len(known) < len(ids) and ids[len(known)] in self._computing:
             return Prefix(0, None, (), None, wait=self._computing[ids[len(known)]])
         computing = tuple(b for b in ids[len(known) :] if b not in self._computing)
@@ -640,7 +625,7 @@ class Storage(Actor):
                 views[block.block_id] = view
             tail = None
             if kv.tail is not None:
-                tail = Tail(kv.tokens[len(chain) * size :], kv.tail, _nbytes(kv.tail))
+                tail = Tail(kv.tokens[len(chain) * size :], kv.tail, block_nbytes(kv.tail))
             pool.set_tail(lease, tail)
             pool.set_chain(lease, chain)
             pool.touch([pool.blocks[b] for b in chain], tail)
@@ -726,16 +711,7 @@ class Storage(Actor):
             block.file = file
             written.append((block.block_id, file))
             self.blocks_on_disk += 1
-        stored: list[bytes] = []
-        for block_id in chain:
-            if pool.blocks[block_id].file is None:
-                break
-            stored.append(block_id)
-        return stored, written
-
-
-def _nbytes(block: Any) -> int:
-    return sum(int(k.nbytes) + int(v.nbytes) for k, v in block)
+        return pool.on_disk(chain), written
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:

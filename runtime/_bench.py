@@ -19,11 +19,12 @@ from ._runtime import open_runtime
 from .actors._agent import Agent
 
 
-async def _first_token_seconds(agent: Agent, text: str) -> float:
+async def first_token_seconds(agent: Agent, text: str, max_tokens: int = 8) -> float:
+    """Seconds from sending ``text`` to the reply's first text (greedy)."""
     # The turn runs to its end: a cancelled turn would not be committed to the store.
     started = time.perf_counter()
     first: float | None = None
-    async for _ in agent.stream(text, max_tokens=8):
+    async for _ in agent.stream(text, max_tokens=max_tokens):
         if first is None:
             first = time.perf_counter() - started
     return first if first is not None else time.perf_counter() - started
@@ -70,11 +71,11 @@ async def run_bench(
         async with open_runtime(model=model, store=store) as rt:
             await (await rt.spawn("warmup")).say("warm up", max_tokens=4)
             cold_agent = await rt.spawn("cold", system=system)
-            cold = await _first_token_seconds(cold_agent, "What happened first?")
-            warm = await _first_token_seconds(cold_agent, "And then?")
+            cold = await first_token_seconds(cold_agent, "What happened first?")
+            warm = await first_token_seconds(cold_agent, "And then?")
         async with open_runtime(model=model, store=store) as rt:
             await (await rt.get("warmup")).say("warm up", max_tokens=4)
-            restored = await _first_token_seconds(await rt.get("cold"), "And after that?")
+            restored = await first_token_seconds(await rt.get("cold"), "And after that?")
     print(f"reuse     {context}-character context, time to first token: cold {cold * 1e3:.0f} ms,"
           f" warm in memory {warm * 1e3:.0f} ms ({cold / warm:.1f}x), restored from disk "
           f"{restored * 1e3:.0f} ms ({cold / restored:.1f}x)", file=out, flush=True)

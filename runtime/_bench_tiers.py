@@ -22,6 +22,7 @@ from typing import TextIO
 import anyio
 
 from . import BLAS
+from ._bench import first_token_seconds
 from ._runtime import Runtime, open_runtime
 from .actors._agent import Agent
 
@@ -46,16 +47,6 @@ def _text(tokens: int, salt: str, chars_per_token: float) -> str:
     return (salt + " " + WORLD * (chars // len(WORLD) + 2))[:chars]
 
 
-async def _ttft(agent: Agent, text: str) -> float:
-    # The turn runs to its end: a cancelled turn would not be committed to the store.
-    started = time.perf_counter()
-    first: float | None = None
-    async for _ in agent.stream(text, max_tokens=2, temperature=0.0):
-        if first is None:
-            first = time.perf_counter() - started
-    return first if first is not None else time.perf_counter() - started
-
-
 async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
     print(f"troupe bench ttft: model {model!r}, BLAS {BLAS.name}", file=out, flush=True)
     with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
@@ -69,13 +60,13 @@ async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
             agents = {}
             for size in sizes:
                 agent = await rt.spawn(f"ctx{size}", system=_text(size, f"Agent {size}.", ratio))
-                cold = await _ttft(agent, "What happened first?")
-                hot = await _ttft(agent, "And then?")
+                cold = await first_token_seconds(agent, "What happened first?", 2)
+                hot = await first_token_seconds(agent, "And then?", 2)
                 agents[size] = (cold, hot, agent.statistics().cached_tokens)
         async with open_runtime(model=model, store=store) as rt:
             await (await rt.get("warmup")).say("warm up again", max_tokens=4)
             for size, (cold, hot, tokens) in agents.items():
-                disk = await _ttft(await rt.get(f"ctx{size}"), "And after that?")
+                disk = await first_token_seconds(await rt.get(f"ctx{size}"), "And after that?", 2)
                 rows.append((tokens, cold, hot, disk))
             restores = rt.statistics().restores
     for tokens, cold, hot, disk in rows:

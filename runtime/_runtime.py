@@ -150,10 +150,8 @@ class Runtime:
             retired = self._retired.pop(agent_id, None)
             if retired is not None:
                 retired.successor = actor
-            if self._closed:
-                actor.stop()
-            else:
-                self._start(actor)
+            self._launch(actor)
+            if not self._closed:
                 # Addressed now, likely to speak soon: its KV starts coming back from disk.
                 await actor.prefetch()
             return actor
@@ -207,20 +205,30 @@ class Runtime:
             self._check_open()
             if agent_id in self._ids:
                 raise AgentExistsError(f"agent {agent_id!r} exists already")
-        # Reserve the id before the next await, so a racing spawn sees it taken.
-        actor = self._register(agent_id, AgentState(system))
+        actor = await self._add(agent_id, AgentState(system), AddAgent(agent_id, system))
+        return self._handle(actor)
+
+    async def _add(
+        self, agent_id: str, state: AgentState, request: AddAgent | ForkAgent
+    ) -> AgentActor:
+        """Register a new agent (reserving its id before any await), store it, start it."""
+        actor = self._register(agent_id, state)
         try:
             # Shielded: the store and the runtime must agree on whether the agent exists.
             with anyio.CancelScope(shield=True):
-                await self._storage.call(AddAgent(agent_id, system))
+                covered = await self._storage.call(request)
         except BaseException:
             self._unregister(agent_id)
             raise
+        actor.cached = covered or 0
+        self._launch(actor)
+        return actor
+
+    def _launch(self, actor: AgentActor) -> None:
         if self._closed:
-            actor.stop()  # never started: its handle answers RuntimeClosedError
+            actor.stop()  # never started: its handles answer RuntimeClosedError
         else:
             self._start(actor)
-        return self._handle(actor)
 
     async def _adopt_fork(self, source: AgentActor, new_id: str) -> AgentActor:
         """Register ``new_id`` as a fork of ``source`` (called from ``source``'s own task)."""
@@ -230,21 +238,9 @@ class Runtime:
         state = source.state
         copied = AgentState(state.system, list(state.transcript), turns=state.turns,
                             saved=len(state.transcript))
-        actor = self._register(new_id, copied)
         fork = ForkAgent(source.agent_id, new_id, state.system,
                          [(m.role, m.content) for m in state.transcript], state.turns)
-        try:
-            # Shielded: the store and the runtime must agree on whether the fork exists.
-            with anyio.CancelScope(shield=True):
-                actor.cached = await self._storage.call(fork)
-        except BaseException:
-            self._unregister(new_id)
-            raise
-        if self._closed:
-            actor.stop()
-        else:
-            self._start(actor)
-        return actor
+        return await self._add(new_id, copied, fork)
 
     async def get(self, agent_id: str) -> Agent:
         """The agent with this id (AgentNotFoundError if none), activating it if it is

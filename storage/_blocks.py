@@ -22,6 +22,8 @@ from .._errors import StoreError
 from ._faults import store_error
 
 BLOCK_FORMAT = "troupe-block/1"
+"""Block and tail files: each layer's keys then values, raw, in the model's dtype (the
+catalog records it under meta 'kv_format')."""
 DEFAULT_BLOCK_SIZE = 128
 ROOT = b"\0" * 16
 """The parent of a chain's first block."""

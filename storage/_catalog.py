@@ -20,7 +20,7 @@ import aiosqlite
 import attrs
 
 from .._errors import AgentExistsError, StoreError
-from ._blocks import KVFile, block_file_name
+from ._blocks import BLOCK_FORMAT, KVFile, block_file_name
 from ._faults import store_error
 
 SCHEMA_VERSION = 3
@@ -163,8 +163,8 @@ class Catalog:
                 )
             fits: bool = rows.get("model", model_key) == model_key
             await db.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('model', ?)",
-                (str(SCHEMA_VERSION), model_key),
+                "INSERT OR REPLACE INTO meta VALUES ('schema', ?), ('model', ?), ('kv_format', ?)",
+                (str(SCHEMA_VERSION), model_key, BLOCK_FORMAT),
             )
             if not fits:
                 # Blocks of another model are useless here; transcripts still hold.

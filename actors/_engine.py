@@ -21,6 +21,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import attrs
+import trio.lowlevel
 
 from .._errors import EngineError, RuntimeClosedError
 from .._records import Sampling
@@ -130,6 +131,7 @@ class _Outcome(Generic[T]):
     value: Any = None
     error: BaseException | None = None
 
+    @trio.lowlevel.enable_ki_protection  # runs on the loop; see Scheduler._deliver
     def set(self, value: Any, error: BaseException | None) -> None:
         self.value, self.error = value, error
         self.done.set()

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import attrs
+import trio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._actor import Actor, Request
@@ -75,6 +76,9 @@ class Scheduler(Actor):
             raise
         return TurnChannel(key, receive, self)
 
+    # KI-protected: trio runs it unprotected otherwise, and a Ctrl-C in mid-delivery would
+    # lose events that turns wait for.
+    @trio.lowlevel.enable_ki_protection
     def _deliver(self, events: list[Event]) -> None:
         # Runs on the event loop, called from the engine thread once per batch step.
         for event in events:

@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import attrs
+import trio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._errors import AgentFailedError, RuntimeClosedError, TroupeError
@@ -148,6 +149,9 @@ class Actor(ABC):
         if not self._started:
             self.finished.set()
 
+    # KI-protected (trio): a Ctrl-C must not land between two lines of an actor's
+    # bookkeeping; it goes to the host's main task at its next checkpoint instead.
+    @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
         """The actor's loop: one message at a time until stopped or failed."""
         self._started = True

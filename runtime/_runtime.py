@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import trio.lowlevel
 
 from ._actor import Actor
 from ._embedded import SHAPES, embedded_model_path
@@ -159,6 +160,7 @@ class Runtime:
             del self._activations[agent_id]
             done.set()
 
+    @trio.lowlevel.enable_ki_protection  # like the actors: see Actor.run
     async def _reap(self, idle_timeout: float) -> None:
         """Deactivate agents idle for ``idle_timeout`` seconds (their state is stored)."""
         with self._reaper:

@@ -18,8 +18,15 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
+import trio.lowlevel
 
 T = TypeVar("T")
+
+
+# Runs on the host loop: KI-protected (trio), so a Ctrl-C cannot lose the wake-up.
+@trio.lowlevel.enable_ki_protection
+def _set(event: anyio.Event) -> None:
+    event.set()
 
 
 class AsyncioThread:
@@ -54,7 +61,7 @@ class AsyncioThread:
                 done.set()
                 return
             with contextlib.suppress(anyio.RunFinishedError):
-                anyio.from_thread.run_sync(done.set, token=token)
+                anyio.from_thread.run_sync(_set, done, token=token)
 
         future.add_done_callback(wake)
         try:

@@ -2,8 +2,9 @@
 
 An agent owns its transcript; its KV lives in blocks the storage actor owns, on a lease. A
 turn renders the chat template, checks out the longest prefix of the prompt that known
-blocks cover (its own, or any agent's), sends only the rest to the scheduler, and commits
-the blocks the turn completed. One agent's turns run one at a time, in the order they came.
+blocks cover (its own, or any agent's), sends only the rest to the scheduler, publishes the
+prompt's new blocks once prefilled (for turns waiting on them), and commits the blocks the
+turn completed. One agent's turns run one at a time, in the order they came.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from .._errors import (
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
 from .._validate import check_id, check_message
 from ..storage._catalog import AgentRecord
-from ._engine import CutKV, FinishEvent
+from ._engine import CutKV, FinishEvent, PromptEvent
 from ._mlx import ModelInfo
 from ._renderer import Renderer
 from ._scheduler import Scheduler, StartTurn, TurnChannel
-from ._storage import NO_PREFIX, Checkout, Commit, Install, Prefetch, Prefix, Storage
+from ._storage import NO_PREFIX, Checkout, Commit, Install, Prefetch, Prefix, Publish, Storage
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -192,7 +193,7 @@ class AgentActor(Actor):
             # Shielded: once the engine has the turn, we must hold the channel to end it.
             with anyio.CancelScope(shield=True):
                 channel = await services.scheduler.call(start)
-            finish, text = await self._follow(channel, turn.deltas)
+            finish, text = await self._follow(channel, turn.deltas, prefix)
             if finish.error is not None:
                 services.counters.turns_failed += 1
                 raise EngineError(f"agent {self.agent_id!r}: the turn failed: {finish.error}") \
@@ -235,12 +236,16 @@ class AgentActor(Actor):
         return reply
 
     async def _follow(
-        self, channel: TurnChannel, deltas: MemoryObjectSendStream[str] | None
+        self, channel: TurnChannel, deltas: MemoryObjectSendStream[str] | None, prefix: Prefix
     ) -> tuple[FinishEvent, str]:
-        """Forward the turn's text as it comes; on cancellation take the turn out first."""
+        """Forward the turn's text as it comes, and its prompt's blocks once prefilled; on
+        cancellation take the turn out first."""
         pieces: list[str] = []
         try:
             async for event in channel.events:
+                if isinstance(event, PromptEvent):
+                    await self._publish(prefix, event.kv)
+                    continue
                 pieces.append(event.text)
                 if deltas is not None and event.text:
                     self._forward(deltas, event.text)
@@ -249,12 +254,20 @@ class AgentActor(Actor):
         except BaseException:
             with anyio.CancelScope(shield=True):
                 channel.cancel()
+                # A PromptEvent here goes unpublished: the FinishEvent's KV holds its blocks.
                 async for event in channel.events:
                     if isinstance(event, FinishEvent):
                         self._finished = event
                 self._services.counters.turns_cancelled += 1
             raise
         raise EngineError("the engine closed the turn without finishing it")
+
+    async def _publish(self, prefix: Prefix, kv: CutKV) -> None:
+        """Hand the prompt's blocks to the storage now, for the turns waiting for them."""
+        # Shielded and fire-and-forget: it is queued ahead of this turn's Commit, which
+        # carries the blocks too (so a storage that refuses it loses nothing).
+        with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
+            await self._services.storage.send(Publish(self.agent_id, prefix.computing, kv))
 
     @staticmethod
     def _forward(deltas: MemoryObjectSendStream[str], text: str) -> None:

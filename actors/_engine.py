@@ -72,11 +72,21 @@ class CutKV:
 
 
 @attrs.frozen
+class PromptEvent:
+    """A turn's prompt is wholly in the cache: its new full blocks, cut then, so that
+    turns waiting for them start now rather than when this one ends."""
+
+    key: int
+    kv: CutKV
+
+
+@attrs.frozen
 class FinishEvent:
     """A turn left the batch: finished, stopped, cancelled or failed.
 
-    ``kv`` is what its KV became (None if there is nothing new to keep); ``reused`` is
-    how many tokens the turn took from the KV it came with.
+    ``kv`` is what its KV became (None if there is nothing new to keep), the blocks a
+    PromptEvent handed over included; ``reused`` is how many tokens the turn took from
+    the KV it came with.
     """
 
     key: int
@@ -88,7 +98,7 @@ class FinishEvent:
     error: BaseException | None = None
 
 
-Event = TokenEvent | FinishEvent
+Event = TokenEvent | PromptEvent | FinishEvent
 
 
 @attrs.frozen
@@ -123,6 +133,15 @@ class _Sequence:
     text: TextStream
     held: str = ""
     generated: list[int] = attrs.field(factory=list)
+    published: list[KVBlock] = attrs.field(factory=list)
+    """The blocks a PromptEvent handed over: cut once, the final cut starts after them."""
+    published_views: list[list[memoryview]] = attrs.field(factory=list)
+
+    @property
+    def first_block(self) -> int:
+        """The chain position of the first block this turn computes."""
+        prefix = self.spec.prefix
+        return len(prefix.blocks) if prefix is not None and self.reused else 0
 
 
 @attrs.define(eq=False)
@@ -376,14 +395,35 @@ class Engine:
             logger.warning("dropping a cache that covers %d tokens, not %d",
                            cache_tokens(cache) if cache else 0, len(tokens))
             return None
-        first = len(spec.prefix.blocks) if spec.prefix is not None and sequence.reused else 0
-        blocks, tail = cut_blocks(cache, first * spec.block_size, spec.block_size, tail=True)
-        return CutKV(tuple(tokens), first, blocks, [block_bytes(b) for b in blocks], tail,
+        first = sequence.first_block
+        start = (first + len(sequence.published)) * spec.block_size
+        blocks, tail = cut_blocks(cache, start, spec.block_size, tail=True)
+        return CutKV(tuple(tokens), first, [*sequence.published, *blocks],
+                     [*sequence.published_views, *(block_bytes(b) for b in blocks)], tail,
                      block_bytes(tail) if tail is not None else None)
+
+    def _publish(self, sequence: _Sequence) -> PromptEvent | None:
+        """Cut the new full blocks of a prompt that is now wholly in the cache."""
+        assert self._batch is not None
+        spec = sequence.spec
+        extracted = self._batch.extract(sequence.uid) if spec.cut else None
+        if extracted is None:
+            return None
+        cache, tokens = extracted
+        if cache_tokens(cache) != len(tokens):
+            return None  # never hand over KV whose tokens are not exactly known
+        first = sequence.first_block
+        blocks, _ = cut_blocks(cache, first * spec.block_size, spec.block_size, tail=False)
+        if not blocks:
+            return None
+        sequence.published = blocks
+        sequence.published_views = [block_bytes(b) for b in blocks]
+        return PromptEvent(spec.key, CutKV(tuple(tokens), first, blocks,
+                                           sequence.published_views, None, None))
 
     def _step(self) -> None:
         assert self._batch is not None
-        outputs = self._batch.step()
+        prompted, outputs = self._batch.step()
         counters = self.counters
         counters.steps += 1
         counters.peak_batch_size = max(counters.peak_batch_size, len(outputs))
@@ -394,6 +434,11 @@ class Engine:
             sequence = self._by_uid.get(output.uid)
             if sequence is not None:
                 events.append(self._advance(sequence, output))
+        for uid in prompted:
+            sequence = self._by_uid.get(uid)
+            published = self._publish(sequence) if sequence is not None else None
+            if published is not None:
+                events.append(published)
         if events:
             self._to_loop(self.deliver, events)
 

@@ -234,9 +234,12 @@ class Batch:
         )
         return int(uids[0])
 
-    def step(self) -> list[StepOutput]:
-        _, generated = self._generator.next()
-        return [
+    def step(self) -> tuple[list[int], list[StepOutput]]:
+        """One step: the uids whose prompt is now wholly in the cache (they moved on to
+        generation; their first token comes next step), and the tokens generated."""
+        prompted, generated = self._generator.next()
+        ended = [int(r.uid) for r in prompted if r.end_of_prompt]
+        return ended, [
             StepOutput(
                 uid=int(r.uid),
                 token=int(r.token),
@@ -246,6 +249,14 @@ class Batch:
             )
             for r in generated
         ]
+
+    def extract(self, uid: int) -> tuple[KVLayers, list[int]] | None:
+        """A sequence's cache mid-flight (a lazy slice of the batch's) and its tokens."""
+        caches = self._generator.extract_cache([uid])
+        if uid not in caches:
+            return None
+        cache, tokens = caches[uid]
+        return cache, list(tokens)
 
     def remove(self, uid: int) -> tuple[KVLayers, list[int]] | None:
         """Take a sequence out mid-flight; returns its cache and the tokens it covers."""

@@ -2,11 +2,12 @@
 
 Agents hold leases (a chain of block ids and a tail of their own); a turn checks out the
 blocks that match its prompt (pinned, restored from disk if they left memory, shared with
-any agent whose prompt starts the same), and commits the blocks it completed. With a store
-directory each new block is written once (fsynced, checksummed) before the catalog
-transaction that records the turn, so a crash never leaves a row pointing at a partial
-file. The hot bytes are kept under the budget by evicting unpinned KV, least recently used
-first: with a store it is on disk already; without one, the next turn prefills it again.
+any agent whose prompt starts the same), publishes its prompt's new blocks when its prefill
+ends (turns waiting for them start then), and commits the rest. With a store directory each
+new block is written once (fsynced, checksummed) before the catalog transaction that first
+names it, so a crash never leaves a row pointing at a partial file. The hot bytes are kept
+under the budget by evicting unpinned KV, least recently used first: with a store it is on
+disk already; without one, the next turn prefills it again.
 """
 
 from __future__ import annotations
@@ -149,6 +150,15 @@ async def load_cold(
     return LoadedKV(blocks, [len(d) for d in raw], failure)
 
 
+@attrs.frozen(eq=False)
+class Claim:
+    """Blocks a turn is the one to compute: turns that need them wait for ``done``, set
+    when the turn's prefill publishes them (or, failing that, at its Commit)."""
+
+    ids: tuple[bytes, ...]
+    done: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
+
+
 @attrs.frozen
 class Prefix:
     """The KV a turn starts from, pinned until the turn's ``Commit`` hands it back."""
@@ -157,8 +167,8 @@ class Prefix:
     cached: CachedPrefix | None
     pinned: tuple[Block, ...] = attrs.field(repr=False)
     pinned_tail: Tail | None = attrs.field(repr=False)
-    computing: tuple[bytes, ...] = ()
-    """Blocks this turn is the one to compute: turns that need them wait for its Commit."""
+    computing: Claim | None = None
+    """Blocks this turn is the one to compute."""
     wait: anyio.Event | None = attrs.field(default=None, repr=False)
     """Set instead of a prefix: another turn is computing the next block this prompt
     needs; check out again once it is set."""
@@ -189,6 +199,17 @@ class Install(Request[Prefix]):
     loaded: LoadedKV
     turn: bool = True
     """False for a prefetch: no turn follows, and nothing is counted as rebuilt."""
+
+
+@attrs.frozen
+class Publish(Request[None]):
+    """A turn's prefill ended: take the prompt's new full blocks now (pinned until the
+    turn's Commit, which also carries them), so the turns waiting for them can start."""
+
+    agent_id: str
+    computing: Claim | None
+    """The turn's claim (``Prefix.computing``): the turns waiting for it go on now."""
+    kv: CutKV
 
 
 @attrs.frozen
@@ -301,6 +322,11 @@ class Storage(Actor):
         self.blocks_on_disk = 0
         self.prefetches = 0
         self._computing: dict[bytes, anyio.Event] = {}
+        # Blocks turns published, pinned until the turn's Commit, by agent (one turn each).
+        self._published: dict[str, list[Block]] = {}
+        # Block files written at a publish whose catalog rows are still to come: the first
+        # commit that names the block records it (a crash leaves orphans, removed at open).
+        self._staged: dict[bytes, KVFile] = {}
 
     @property
     def _kv_dir(self) -> Path:
@@ -347,7 +373,8 @@ class Storage(Actor):
 
     async def _dispatch(self, message: Request[Any]) -> Any:
         handlers: dict[type[Request[Any]], Callable[[Any], Awaitable[Any]]] = {
-            Checkout: self._checkout, Install: self._install, Commit: self._commit,
+            Checkout: self._checkout, Install: self._install, Publish: self._publish,
+            Commit: self._commit,
             AddAgent: self._add, ForkAgent: self._fork, Activate: self._activate,
             Deactivate: self._deactivate, Prefetch: self._prefetch,
         }
@@ -483,26 +510,29 @@ class Storage(Actor):
         known = pool.available(ids)
         if len(known) < len(ids) and ids[len(known)] in self._computing:
             return Prefix(0, None, (), None, wait=self._computing[ids[len(known)]])
-        computing = tuple(b for b in ids[len(known) :] if b not in self._computing)
-        if computing:
-            done = anyio.Event()
-            for block_id in computing:
-                self._computing[block_id] = done
+        computing: Claim | None = None
+        claimed = tuple(b for b in ids[len(known) :] if b not in self._computing)
+        if claimed:
+            computing = Claim(claimed)
+            for block_id in claimed:
+                self._computing[block_id] = computing.done
         try:
             return await self._pin_prefix(message, ids, known, computing)
         except BaseException:
             self._computed(computing)  # no turn will follow: nobody must wait for it
             raise
 
-    def _computed(self, computing: tuple[bytes, ...]) -> None:
-        for block_id in computing:
-            done = self._computing.pop(block_id, None)
-            if done is not None:
-                done.set()
+    def _computed(self, claim: Claim | None) -> None:
+        if claim is None or claim.done.is_set():
+            return  # published already: the ids may be another turn's claim by now
+        for block_id in claim.ids:
+            if self._computing.get(block_id) is claim.done:
+                del self._computing[block_id]
+        claim.done.set()
 
     async def _pin_prefix(
         self, message: Checkout, ids: list[bytes], known: list[Block],
-        computing: tuple[bytes, ...],
+        computing: Claim | None,
     ) -> Prefix:
         size, prompt = self.block_size, message.prompt
         limit = len(prompt) - 1
@@ -529,7 +559,7 @@ class Storage(Actor):
 
     def _finish(
         self, cold: ColdKV, matched: list[Block], tail: Tail | None,
-        computing: tuple[bytes, ...], *, turn: bool = True,
+        computing: Claim | None, *, turn: bool = True,
     ) -> Prefix:
         size, lease = self.block_size, self.pool.lease(cold.agent_id)
         tail_tokens = cold.tail_tokens if tail is not None else 0
@@ -604,7 +634,32 @@ class Storage(Actor):
                 logger.warning("%s", exc)
             await anyio.to_thread.run_sync(_remove, self._kv_dir / file.name)
 
-    # -- commit
+    # -- publish and commit
+
+    async def _publish(self, message: Publish) -> None:
+        pool, kv = self.pool, message.kv
+        chain = block_ids(self._hash_key, kv.tokens, self.block_size)
+        blocks = [pool.add(chain[kv.first_block + j], kv.first_block + j, data)
+                  for j, data in enumerate(kv.blocks)]
+        for block in blocks:
+            block.pins += 1  # until the turn's Commit puts them in the agent's chain
+        self._published.setdefault(message.agent_id, []).extend(blocks)
+        pool.touch(blocks, None)
+        self._computed(message.computing)
+        if self._catalog is not None:
+            # Written now, while the turn decodes; recorded by the first commit naming them.
+            for block, view in zip(blocks, kv.views, strict=True):
+                if block.file is not None or block.block_id in self._staged:
+                    continue
+                name = block_file_name(block.block_id)
+                try:
+                    file = await anyio.to_thread.run_sync(write_kv, self._kv_dir, name, view)
+                except StoreError as exc:
+                    logger.info("a published block is left to its commit to write: %s", exc)
+                    break
+                self.bytes_written += file.nbytes
+                self._staged[block.block_id] = file
+        pool.evict()
 
     async def _commit(self, message: Commit) -> int:
         pool, size = self.pool, self.block_size
@@ -613,6 +668,9 @@ class Storage(Actor):
             block.pins -= 1
         if message.prefix.pinned_tail is not None:
             message.prefix.pinned_tail.pins -= 1
+        published = self._published.pop(message.agent_id, [])
+        for block in published:
+            block.pins -= 1
         lease = pool.lease(message.agent_id)
         old_tail = lease.tail.file if lease.tail is not None else None
         chain: list[bytes] | None = None
@@ -631,7 +689,7 @@ class Storage(Actor):
             pool.touch([pool.blocks[b] for b in chain], tail)
         try:
             if self._catalog is not None:
-                await self._persist(message, lease, chain, views, kv)
+                await self._persist(message, lease, chain, views, kv, published)
                 if chain is not None and old_tail is not None:
                     await anyio.to_thread.run_sync(_remove, self._kv_dir / old_tail.name)
         finally:
@@ -645,6 +703,7 @@ class Storage(Actor):
         chain: list[bytes] | None,
         views: dict[bytes, list[memoryview]],
         kv: CutKV | None,
+        published: list[Block],
     ) -> None:
         assert self._catalog is not None
         assert self._sqlite is not None
@@ -660,6 +719,9 @@ class Storage(Actor):
                 if file is not None:
                     lease.tail.file = file
                     tail = TailRecord(lease.tail.tokens, file)
+        # What the turn published and no chain took (it failed, or was cut short): their
+        # rows go in too, so the files are the store's (collected at open if unheld).
+        written += [self._record(b) for b in published if b.block_id in self._staged]
         try:
             await self._sqlite.run(
                 self._catalog.commit, message.agent_id, message.first_seq, message.messages,
@@ -694,7 +756,8 @@ class Storage(Actor):
         (those tokens are prefilled after a reopen) but not the turn."""
         pool = self.pool
         missing = [pool.blocks[b] for b in chain if pool.blocks[b].file is None]
-        need_views = [b for b in missing if b.block_id not in views and b.data is not None]
+        need_views = [b for b in missing if b.block_id not in views and b.data is not None
+                      and b.block_id not in self._staged]
         if need_views:
             made = await self._engine.run(
                 lambda: [block_bytes(b.data) for b in need_views if b.data is not None]
@@ -702,16 +765,22 @@ class Storage(Actor):
             views.update({b.block_id: v for b, v in zip(need_views, made, strict=True)})
         written: list[tuple[bytes, KVFile]] = []
         for block in missing:
-            view = views.get(block.block_id)
-            if view is None:
-                break
-            file = await self._write(agent_id, block_file_name(block.block_id), view)
-            if file is None:
-                break
-            block.file = file
-            written.append((block.block_id, file))
-            self.blocks_on_disk += 1
+            if block.block_id not in self._staged:
+                view = views.get(block.block_id)
+                if view is None:
+                    break
+                file = await self._write(agent_id, block_file_name(block.block_id), view)
+                if file is None:
+                    break
+                self._staged[block.block_id] = file
+            written.append(self._record(block))
         return pool.on_disk(chain), written
+
+    def _record(self, block: Block) -> tuple[bytes, KVFile]:
+        """A staged file becomes the block's: the commit under way records its row."""
+        file = block.file = self._staged.pop(block.block_id)
+        self.blocks_on_disk += 1
+        return block.block_id, file
 
 
 def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:

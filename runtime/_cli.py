@@ -124,9 +124,12 @@ def _parser() -> argparse.ArgumentParser:
         description="batching: batched vs one at a time, and cache reuse (the default); "
         "ttft: time to first token cold vs hot vs restored from disk at 1K-4K tokens; "
         "bytes: bytes the store writes over a 50-turn conversation; scale: many agents "
-        "with >=1K-token contexts through a small memory budget with a store.")
+        "with >=1K-token contexts through a small memory budget with a store; "
+        "peer: multi-agent workloads on troupe vs mlx_lm.server (a subprocess on the same "
+        "model and BLAS); overhead: troupe's costs over a bare BatchGenerator, actor round "
+        "trips, event-loop lag.")
     bench.add_argument("which", nargs="?", default="batching",
-                       choices=["batching", "ttft", "bytes", "scale"])
+                       choices=["batching", "ttft", "bytes", "scale", "peer", "overhead"])
     bench.add_argument("--model", default=None,
                        help="default: 'embedded' ('embedded:tiny' for scale)")
     bench.add_argument("--agents", type=_int_in(1, MAX_SCALE_AGENTS), default=None,
@@ -141,6 +144,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="scale: the KV memory budget (default 64MB)")
     bench.add_argument("--batch", type=_int_in(1, 256), default=16,
                        help="scale: max_batch_size (default 16)")
+    bench.add_argument("--quick", action="store_true",
+                       help="peer, overhead: a small size that runs in about a minute")
+    bench.add_argument("--only", default=None, metavar="NAMES",
+                       help="peer: comma-separated workloads "
+                       "(village,crowd,restart,orchestrator; default all)")
+    bench.add_argument("--json", type=_writable_file, default=None, metavar="FILE",
+                       help="peer, overhead: also write the results to FILE as JSON")
+    bench.add_argument("--chart", type=_writable_file, default=None, metavar="FILE",
+                       help="peer: also draw the ratios as a PNG bar chart "
+                       "(needs matplotlib: pip install 'troupe[chart]')")
     return parser
 
 
@@ -191,6 +204,15 @@ async def _bench(args: argparse.Namespace) -> None:
         await bench_ttft(model=model)
     elif args.which == "bytes":
         await bench_bytes(model=model)
+    elif args.which == "peer":
+        from ._bench_peer import bench_peer
+
+        await bench_peer(model=model, quick=args.quick, only=args.only,
+                         json_path=args.json, chart_path=args.chart)
+    elif args.which == "overhead":
+        from ._bench_overhead import bench_overhead
+
+        await bench_overhead(model=model, quick=args.quick, json_path=args.json)
     elif args.which == "scale":
         await bench_scale(model=model, agents=args.agents or 1000, turns=args.turns,
                           budget=args.budget, max_tokens=args.max_tokens or 8,

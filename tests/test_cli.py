@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -161,3 +162,40 @@ async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str
     assert returncode == 130, stderr
     lines = _error_lines(stderr, note=troupe.BLAS.name == REFERENCE)
     assert lines == ["troupe: interrupted"]
+
+
+def test_bench_overhead_writes_its_figures(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process (its own trio loop; no async test around it): no interpreter start.
+    report = tmp_path / "overhead.json"
+    assert main(["bench", "overhead", "--quick", "--model", "embedded:tiny",
+                 "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    for section in ("troupe bench overhead:", "decode", "round trips", "loop lag", "itl"):
+        assert section in out, out
+    figures = json.loads(report.read_text())
+    decode = figures["decode"]
+    assert decode["prompt_length_mismatches"] == 0
+    assert decode["greedy_sequences_differing"] == 0
+    assert decode["greedy_tokens_differing"] == 0
+    assert decode["tokens_generated"] > 0
+    for key in ("troupe_tokens_per_s", "bare_tokens_per_s", "ratio", "overall_ratio"):
+        assert decode[key] > 0, key
+    trips = figures["round_trips"]
+    for loop in ("trio", "asyncio"):
+        for kind in ("sequential", "concurrent"):
+            assert trips[f"{loop}_{kind}_per_s"] > 0
+    for phase in ("idle", "decode", "restore"):
+        lag = figures["loop_lag"][phase]
+        assert lag["samples"] > 0, phase
+        for key in ("p50_ms", "p99_ms", "max_ms", "loop_busy_p99_ms",
+                    "wakeup_overshoot_p99_ms"):
+            assert lag[key] >= 0, (phase, key)
+    assert figures["loop_lag"]["restore"]["restores"] > 0  # the round did restore from disk
+    itl = figures["itl"]
+    for run in ("alone", "joined", "during_prefill"):
+        assert itl[run]["p50_ms"] > 0, run
+        assert itl[run]["p99_ms"] > 0, run
+    assert itl["long_prompt_tokens"] > 0
+    assert itl["prefill_engine_steps"] >= itl["prefill_chunks"] > 0

@@ -34,12 +34,18 @@ async def test_second_turn_prefills_only_the_new_message() -> None:
     assert second.prompt_tokens == len("And you?") + 8
 
 
-async def test_concurrent_greedy_replies_match_one_at_a_time() -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["own-prompts", "shared-prefix"])
+async def test_concurrent_greedy_replies_match_one_at_a_time(shared: bool) -> None:
     messages = ["Good morning!", "What news from the road?", "Is the bridge open?", "Hi."]
+    # Shared: the systems start with one long world prompt (blocks of 16, prefilled in
+    # chunks of 32), so the turns wait for its blocks and join the batch mid-decode.
+    world = "The village of Millbrook sits by a river; a storm is coming. " * 5
+    systems = [world + s for s in SYSTEMS] if shared else SYSTEMS
+    options = {"block_size": 16, "prefill_step_size": 32} if shared else {}
 
     async def run(concurrent: bool) -> tuple[list[list[tuple[int, ...]]], int]:
-        async with troupe.open_runtime(model=TINY) as rt:
-            agents = [await rt.spawn(f"a{i}", system=s) for i, s in enumerate(SYSTEMS)]
+        async with troupe.open_runtime(model=TINY, **options) as rt:  # type: ignore[arg-type]
+            agents = [await rt.spawn(f"a{i}", system=s) for i, s in enumerate(systems)]
             results: list[list[tuple[int, ...]]] = [[] for _ in agents]
 
             async def two_turns(i: int) -> None:

@@ -573,14 +573,15 @@ async def _run_workload(name: str, model: str, sizes: Sizes, scratch: Path,
     print(f"\n{name}", file=out, flush=True)
     budget = sizes.crowd_budget if name == "crowd" else None
     troupe = TroupeSystem(model, scratch / f"{name}-store", budget)
-    await troupe.open()
     try:
+        await troupe.open()
         recorder = _Recorder(troupe, out)
         await run(recorder, sizes, None)
         ours = recorder.phases
         stats = cattrs.unstructure(troupe.runtime.statistics())
         kv_per_token = troupe.runtime.model.kv_bytes_per_token
     finally:
+        # Not shielded: it exits the runtime's own task group, entered outside any new scope.
         await troupe.close()
     agents = {"village": sizes.village_agents, "restart": sizes.village_agents,
               "crowd": sizes.crowd_agents, "orchestrator": sizes.workers + 1}[name]
@@ -588,13 +589,14 @@ async def _run_workload(name: str, model: str, sizes: Sizes, scratch: Path,
                           # Entries for every agent's turns and system prompts, and more.
                           cache_entries=4 * agents + 16,
                           cache_bytes=_server_cache_bytes(budget, sizes, kv_per_token))
-    await server.open()
     try:
+        await server.open()
         recorder = _Recorder(server, out)
         await run(recorder, sizes, ours)
         theirs = recorder.phases
     finally:
-        await server.close()
+        with anyio.CancelScope(shield=True):  # Ctrl-C still stops the server process
+            await server.close()
     compared, differing, by_space = _compare(ours, theirs)
     result = WorkloadResult(name, TIMED[name], tuple(ours), tuple(theirs), compared,
                             differing, by_space, stats)
@@ -644,7 +646,7 @@ def _draw_chart(results: Sequence[WorkloadResult], path: str, title: str) -> Non
                     ha="center", va="bottom")
     ax.set_ylabel("mlx_lm.server wall time / troupe wall time")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

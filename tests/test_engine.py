@@ -217,3 +217,46 @@ async def test_a_turn_cancelled_after_publishing_leaves_the_runtime_consistent(
         _settled(rt)
     assert late.tokens == expected["z"].tokens
     assert late.cached_tokens >= 23 * 32
+
+
+async def test_rows_finishing_at_different_steps_leave_every_reply_unchanged() -> None:
+    """Rows leave the batch at different steps (each drop reshapes the batch's KV): the
+    rows still running, a turn cancelled meanwhile and a turn joining afterwards all give
+    the tokens they give one at a time."""
+    lengths = [3, 5, 8, 13, 21, 34, 40, 40]
+
+    async def run(together: bool) -> list[tuple[int, ...]]:
+        async with troupe.open_runtime(model=TINY, max_batch_size=8) as rt:
+            agents = [await rt.spawn(f"a{i}", system=f"{SPEAKER} You are number {i}.")
+                      for i in range(len(lengths))]
+            late = await rt.spawn("late", system=SPEAKER)
+            quitter = await rt.spawn("quitter", system=SPEAKER)
+            replies: list[tuple[int, ...]] = [() for _ in lengths]
+
+            async def turn(i: int) -> None:
+                reply = await agents[i].say(f"{TALK} ({i})", max_tokens=lengths[i])
+                replies[i] = reply.tokens
+
+            async def cancelled_midway() -> None:
+                # Leaves the batch (BatchGenerator.remove) while finished rows wait in it.
+                async with quitter.stream(TALK, max_tokens=40) as stream:
+                    seen = 0
+                    async for _ in stream:
+                        seen += 1
+                        if seen == 10:
+                            break
+
+            if together:
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(lengths)):
+                        nursery.start_soon(turn, i)
+                    nursery.start_soon(cancelled_midway)
+            else:
+                for i in range(len(lengths)):
+                    await turn(i)
+                await cancelled_midway()
+            assert quitter.transcript() == ()  # cancelled before its last token
+            after = await late.say(TALK, max_tokens=12)
+            return [*replies, after.tokens]
+
+    assert await run(together=True) == await run(together=False)

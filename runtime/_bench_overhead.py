@@ -37,6 +37,7 @@ import trio.lowlevel
 
 from . import BLAS
 from ._actor import Actor, Request
+from ._bench_tiers import _chars_per_token, _text
 from ._records import Message
 from ._runtime import Runtime, open_runtime
 from .actors._agent import Agent, chat_messages
@@ -47,10 +48,6 @@ PREFILL_STEP_SIZE = 128
 PREFILL_BATCH_SIZE = min(8, MAX_BATCH_SIZE)  # as actors/_mlx.py Batch sets it
 
 USER = "Tell me about your day in the village."
-WORLD = (
-    "The village of Millbrook sits by a slow river between two hills. Its market opens at "
-    "dawn, its bridge is closed for repairs, and a storm is coming from the west. "
-)
 
 
 @attrs.frozen
@@ -570,18 +567,6 @@ async def _turns(agents: list[Agent], text: str, max_tokens: int) -> int:
     return generated
 
 
-def _context(tokens: int, salt: str, chars_per_token: float) -> str:
-    chars = int(tokens * chars_per_token)
-    return (salt + " " + WORLD * (chars // len(WORLD) + 2))[:chars]
-
-
-async def _chars_per_token(rt: Runtime) -> float:
-    renderer = rt._services.renderer
-    long = await renderer.render([{"role": "user", "content": WORLD * 8}], len(WORLD) * 8)
-    short = await renderer.render([{"role": "user", "content": WORLD}], len(WORLD))
-    return len(WORLD) * 7 / max(1, len(long) - len(short))
-
-
 async def _loop_lag(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
     result: dict[str, Any] = {"period_ms": 1.0}
     async with _lag_probe() as lag:
@@ -609,7 +594,7 @@ async def _loop_lag(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
                             * sizes.restore_agents // 8))
         async with open_runtime(model=model, store=store, kv_budget=budget) as rt:
             crowd = [await rt.spawn(f"villager-{i}",
-                                    system=_context(sizes.restore_context, f"Villager {i}.", ratio))
+                                    system=_text(sizes.restore_context, f"Villager {i}.", ratio))
                      for i in range(sizes.restore_agents)]
             await _turns(crowd, "Good morning.", sizes.restore_tokens)
             before = rt.statistics()
@@ -679,7 +664,7 @@ async def _itl(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
 
         joined = [await rt.spawn(f"joined-{i}", system=s) for i, s in enumerate(systems)]
         reader = await rt.spawn("reader")
-        text = _context(long_tokens, "Read this.", ratio)
+        text = _text(long_tokens, "Read this.", ratio)
         started = anyio.Event()
         prefill: dict[str, float] = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import anyio
@@ -174,15 +175,18 @@ async def test_a_cancelled_caller_cancels_its_request_where_it_runs() -> None:
         actor.stop()
 
 
+async def _call_refused(actor: Actor, errors: list[BaseException], message: Request[Any]) -> None:
+    """Call ``actor``, collecting the RuntimeClosedError it answers with."""
+    try:
+        await actor.call(message)
+    except troupe.RuntimeClosedError as exc:
+        errors.append(exc)
+
+
 async def test_stop_cancels_the_request_in_progress_and_refuses_the_queued() -> None:
     actor = Recorder()
     errors: list[BaseException] = []
-
-    async def call(message: Request[Any]) -> None:
-        try:
-            await actor.call(message)
-        except troupe.RuntimeClosedError as exc:
-            errors.append(exc)
+    call = functools.partial(_call_refused, actor, errors)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(actor.run)
@@ -364,12 +368,7 @@ async def test_handlers_run_protected_from_keyboard_interrupt() -> None:
 async def test_an_actor_cancelled_from_outside_answers_every_caller() -> None:
     actor = Recorder(mailbox=1)
     errors: list[BaseException] = []
-
-    async def call(message: Request[Any]) -> None:
-        try:
-            await actor.call(message)
-        except troupe.RuntimeClosedError as exc:
-            errors.append(exc)
+    call = functools.partial(_call_refused, actor, errors)
 
     async with trio.open_nursery() as callers:
         async with trio.open_nursery() as host:

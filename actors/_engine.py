@@ -33,12 +33,12 @@ from ._mlx import (
     ModelInfo,
     StepOutput,
     TextStream,
-    assemble,
     block_bytes,
     cache_tokens,
     cut_blocks,
     make_sampler,
     release_thread_resources,
+    row_cache,
 )
 
 logger = logging.getLogger("troupe")
@@ -333,18 +333,22 @@ class Engine:
         assert self._model is not None
         history, prompt, prefix = spec.history, spec.prompt, spec.prefix
         try:
-            cache = None
+            parts: list[KVBlock] = []
             if prefix is not None:
                 parts = list(prefix.blocks)
                 if prefix.tail is not None and prefix.tail_tokens > 0:
                     parts.append([(k[..., : prefix.tail_tokens, :], v[..., : prefix.tail_tokens, :])
                                   for k, v in prefix.tail])
-                cache = assemble(parts) if parts else None
-            if cache is None:
+            if not parts:
                 history, prompt = [], history + prompt
-            elif cache_tokens(cache) != len(history):
-                raise ValueError(f"a prefix of {cache_tokens(cache)} tokens for a history of "
-                                 f"{len(history)}")
+            cache = None
+            layout = self._model.layout
+            if layout is not None:
+                # Plain KVCache layers: hand the blocks over uncopied, with room for the turn.
+                cache = row_cache(parts, layout, len(prompt) + spec.sampling.max_tokens)
+                if cache_tokens(cache) != len(history):
+                    raise ValueError(f"a prefix of {cache_tokens(cache)} tokens for a history "
+                                     f"of {len(history)}")
             uid = self._batch.insert(
                 prompt, history, cache,
                 make_sampler(spec.sampling, spec.seed), spec.sampling.max_tokens,

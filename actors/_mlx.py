@@ -8,6 +8,7 @@ arrays here must run on the engine thread (MLX streams are thread-local).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -361,21 +362,123 @@ def cut_blocks(
     return pieces, None
 
 
-def assemble(parts: list[KVBlock]) -> KVLayers:
-    """One KVCache per layer holding ``parts`` end to end (a copy; BatchGenerator copies
-    it again into the batch, so nothing here is kept)."""
-    from mlx_lm.models.cache import KVCache
+def row_cache(parts: list[KVBlock], layout: BlockLayout, room: int) -> KVLayers:
+    """One sequence's cache as the batch takes it: ``parts`` end to end, not yet copied.
 
-    layers: KVLayers = []
-    for i in range(len(parts[0])):
-        layer = KVCache()
-        keys = [part[i][0] for part in parts]
-        values = [part[i][1] for part in parts]
-        layer.keys = keys[0] if len(keys) == 1 else mx.concatenate(keys, axis=2)
-        layer.values = values[0] if len(values) == 1 else mx.concatenate(values, axis=2)
-        layer.offset = int(layer.keys.shape[2])
-        layers.append(layer)
-    return layers
+    The batch copies the parts once, straight into its own buffer, with room for ``room``
+    more tokens (the turn's prompt and reply), so it need not grow while they come in.
+    """
+    row_kv = _cache_types()[1]
+    layers = len(parts[0]) if parts else layout.layers
+    return [row_kv([part[i][0] for part in parts], [part[i][1] for part in parts], layout, room)
+            for i in range(layers)]
+
+
+@functools.cache
+def _cache_types() -> tuple[Any, Any]:
+    """troupe's two mlx-lm cache classes, made on first use (importing mlx-lm is slow).
+
+    mlx-lm's batch cache copies every row's whole KV when rows join (the row is concatenated,
+    merged into a padded buffer, grown by concatenation as the prompt comes in, then gathered
+    when the prompt batch moves on to decoding) and when a row leaves (a contiguous copy).
+    These subclasses keep mlx-lm's layout and behaviour and leave out the copies troupe does
+    not need: it measured them at a fifth of a 16-agent round (tests/test_engine.py pins that
+    replies stay the same).
+    """
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    class BatchKV(BatchKVCache):  # type: ignore[misc]
+        keys: Any
+        values: Any
+
+        @classmethod
+        def from_rows(cls, rows: list[Any]) -> Any:
+            """Rows left-padded to the longest, copied once from their parts, with room."""
+            lengths = [int(row.offset) for row in rows]
+            longest = max(lengths)
+            shaped = [row for row in rows if isinstance(row, RowKV)]
+            room = max((row.room for row in shaped), default=0)
+            if not shaped and longest == 0:
+                return cls([0] * len(rows))
+            if shaped:
+                layout: BlockLayout = shaped[0].layout
+                heads, key_dim = layout.key_shape
+                value_dim, dtype = layout.value_dim, getattr(mx, layout.dtype)
+            else:
+                sample = next(row for row in rows if row.keys is not None)
+                _, heads, _, key_dim = sample.keys.shape
+                value_dim, dtype = sample.values.shape[3], sample.keys.dtype
+            capacity = -(-(longest + room) // cls.step) * cls.step
+            keys = mx.zeros((len(rows), heads, capacity, key_dim), dtype)
+            values = mx.zeros((len(rows), heads, capacity, value_dim), dtype)
+            for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+                at = longest - length
+                for k, v in _row_parts(row):
+                    n = k.shape[2]
+                    keys[i : i + 1, :, at : at + n, :] = k
+                    values[i : i + 1, :, at : at + n, :] = v
+                    at += n
+            cache = cls([longest - n for n in lengths])
+            cache.keys, cache.values = keys, values
+            cache.offset += longest
+            cache._idx = longest
+            return cache
+
+        def filter(self, batch_indices: list[int]) -> None:
+            if self.keys is None or list(batch_indices) != list(range(self.offset.shape[0])):
+                super().filter(batch_indices)
+                return
+            # Every row kept (a prompt batch moving on to decoding whole): mlx-lm would
+            # gather them all into a new buffer. Only trim the padding all rows share.
+            shift = min(self.left_padding.tolist())
+            if shift > 0:
+                self.keys = self.keys[..., shift:, :]
+                self.values = self.values[..., shift:, :]
+                self._idx -= shift
+                self.left_padding -= shift
+
+        def extract(self, idx: int) -> Any:
+            # A view of the row, not mlx-lm's contiguous copy of it: troupe copies out only
+            # the blocks it keeps, on this same step, and then lets the view go.
+            padding = int(self.left_padding.tolist()[idx])
+            cache = KVCache()
+            cache.keys = self.keys[idx : idx + 1, :, padding : self._idx]
+            cache.values = self.values[idx : idx + 1, :, padding : self._idx]
+            cache.offset = self._idx - padding
+            return cache
+
+    class RowKV(KVCache):  # type: ignore[misc]
+        keys: Any
+        values: Any
+
+        def __init__(
+            self, keys: list[mx.array], values: list[mx.array], layout: BlockLayout, room: int
+        ) -> None:
+            super().__init__()
+            self.parts = list(zip(keys, values, strict=True))
+            self.layout = layout
+            self.room = room
+            self.offset = sum(int(k.shape[2]) for k in keys)
+            if keys:
+                # For mlx-lm code that reads a waiting row directly (one removed before it
+                # joined the batch). Lazy: the batch's merge never evaluates it.
+                self.keys = keys[0] if len(keys) == 1 else mx.concatenate(keys, axis=2)
+                self.values = values[0] if len(values) == 1 else mx.concatenate(values, axis=2)
+
+        @classmethod
+        def merge(cls, caches: list[Any]) -> Any:
+            return BatchKV.from_rows(caches)
+
+    return BatchKV, RowKV
+
+
+def _row_parts(row: Any) -> list[tuple[mx.array, mx.array]]:
+    parts: list[tuple[mx.array, mx.array]] | None = getattr(row, "parts", None)
+    if parts is not None:
+        return parts
+    if row.keys is None:
+        return []
+    return [(row.keys[..., : row.offset, :], row.values[..., : row.offset, :])]
 
 
 def release_thread_resources() -> None:

@@ -140,26 +140,31 @@ async def test_failures_at_run_time_are_one_line_each(
 
 
 async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str]) -> None:
-    def interrupt() -> tuple[int, str, str]:
+    def interrupt() -> tuple[int, str, str, str]:
         with subprocess.Popen(
-            # Short turns so that the first shows soon; 40 of them so that many are left.
-            [*CLI, "demo", "--model", "embedded:tiny", "--agents", "2", "--turns", "20",
+            # Short turns so that the first shows soon; 320 of them so that many are left.
+            [*CLI, "demo", "--model", "embedded:tiny", "--agents", "16", "--turns", "20",
              "--max-tokens", "16"], env=troupe_env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ) as demo:
             assert demo.stdout is not None
             progress = ""
             for line in demo.stdout:  # wait for the first finished turn
-                if line.startswith("[  1/40]"):
+                if line.startswith("[  1/320]"):
                     progress = line
                     break
+            # How the child treats SIGINT when it is sent (blocked, ignored, caught), for
+            # the failure message: a Ctrl-C that goes unheard must say why.
+            status = Path(f"/proc/{demo.pid}/status")
+            dispositions = [line for line in status.read_text().splitlines()
+                            if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
             demo.send_signal(signal.SIGINT)
-            _, stderr = demo.communicate(timeout=120)
-            return demo.returncode, progress, stderr
+            rest, stderr = demo.communicate(timeout=120)
+            return demo.returncode, progress, stderr, f"{dispositions}\n{rest[-2000:]}"
 
-    returncode, progress, stderr = await trio.to_thread.run_sync(interrupt)
+    returncode, progress, stderr, rest = await trio.to_thread.run_sync(interrupt)
     assert progress, stderr
-    assert returncode == 130, stderr
+    assert returncode == 130, (stderr, rest)
     lines = _error_lines(stderr, note=troupe.BLAS.name == REFERENCE)
     assert lines == ["troupe: interrupted"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,12 +156,17 @@ async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str
                     break
             # How the child treats SIGINT when it is sent (blocked, ignored, caught), for
             # the failure message: a Ctrl-C that goes unheard must say why.
+            # (or whether it had ended already, and which threads this process runs).
+            ended = demo.poll() is not None
             status = Path(f"/proc/{demo.pid}/status")
-            dispositions = [line for line in status.read_text().splitlines()
-                            if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+            dispositions = [] if ended else [
+                line for line in status.read_text().splitlines()
+                if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+            threads = [t.name for t in threading.enumerate()]
             demo.send_signal(signal.SIGINT)
             rest, stderr = demo.communicate(timeout=120)
-            return demo.returncode, progress, stderr, f"{dispositions}\n{rest[-2000:]}"
+            why = f"ended before the signal: {ended}; {dispositions}; threads here: {threads}"
+            return demo.returncode, progress, stderr, f"{why}\n{rest[-2000:]}"
 
     returncode, progress, stderr, rest = await trio.to_thread.run_sync(interrupt)
     assert progress, stderr

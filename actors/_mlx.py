@@ -378,11 +378,12 @@ def row_cache(parts: list[KVBlock], layout: BlockLayout, room: int) -> KVLayers:
 def _cache_types() -> tuple[Any, Any]:
     """troupe's two mlx-lm cache classes, made on first use (importing mlx-lm is slow).
 
-    mlx-lm's batch cache copies every row's whole KV when rows join (the row is concatenated,
-    merged into a padded buffer, grown by concatenation as the prompt comes in, then gathered
-    when the prompt batch moves on to decoding) and when a row leaves (a contiguous copy).
+    A row's whole KV used to be copied four times on its way into the batch (troupe joined
+    its blocks; mlx-lm merged the rows into a padded buffer, grew it by concatenation as the
+    prompt came in, and gathered it when the prompt batch moved on to decoding) and once on
+    its way out (a contiguous copy of the row, before troupe cut its blocks out of it).
     These subclasses keep mlx-lm's layout and behaviour and leave out the copies troupe does
-    not need (``troupe bench scale``'s peak MLX memory went from 420-440 MB to 345 MB). The
+    not need (``troupe bench scale``'s peak MLX memory went from 420-461 MB to 345 MB). The
     copies that remain are the layout's: a group joining the running batch and a row
     leaving it each copy the whole batch. tests/test_turns.py and tests/test_engine.py pin
     that replies stay the same.

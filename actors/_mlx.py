@@ -117,14 +117,17 @@ class LoadedModel:
         layers = len(probe)
         blocks = all(type(c) is KVCache for c in probe)
         self.layout: BlockLayout | None = None
-        if blocks:
-            # One real token through the model: the cache's true shapes, dtype and bytes.
-            try:
-                self.model(mx.array([[0]]), cache=probe)
+        # One real token through the model, evaluated: the cache's true shapes, dtype and
+        # bytes; and MLX's first compiled kernel runs now, while the model loads. On CPU
+        # that first run checks for a C++ compiler with system(), which ignores Ctrl-C in
+        # the whole process while it runs: better here than in the middle of a turn.
+        try:
+            mx.eval(self.model(mx.array([[0]]), cache=probe))
+            if blocks:
                 self.layout = BlockLayout.of(probe)
-            except Exception as exc:
-                raise ModelLoadError(f"the model at {path} failed a one-token probe: {exc}") \
-                    from exc
+        except Exception as exc:
+            raise ModelLoadError(f"the model at {path} failed a one-token probe: {exc}") \
+                from exc
         self.info = ModelInfo(
             path=str(path),
             name=path.name,

@@ -165,12 +165,14 @@ async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str
             threads = [t.name for t in threading.enumerate()]
             demo.send_signal(signal.SIGINT)
             rest, stderr = demo.communicate(timeout=120)
-            why = f"ended before the signal: {ended}; {dispositions}; threads here: {threads}"
-            return demo.returncode, progress, stderr, f"{why}\n{rest[-2000:]}"
+            why = (f"ended before the signal: {ended}; {dispositions}; threads here: "
+                   f"{threads}; the demo's stderr: {stderr[-500:]!r}; its stdout's end: "
+                   f"{rest[-500:]!r}")
+            return demo.returncode, progress, stderr, why
 
-    returncode, progress, stderr, rest = await trio.to_thread.run_sync(interrupt)
+    returncode, progress, stderr, why = await trio.to_thread.run_sync(interrupt)
     assert progress, stderr
-    assert returncode == 130, (stderr, rest)
+    assert returncode == 130, why
     lines = _error_lines(stderr, note=troupe.BLAS.name == REFERENCE)
     assert lines == ["troupe: interrupted"]
 

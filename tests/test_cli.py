@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -156,21 +155,27 @@ async def test_ctrl_c_mid_demo_exits_130_with_one_line(troupe_env: dict[str, str
                     break
             # How the child treats SIGINT when it is sent (blocked, ignored, caught), for
             # the failure message: a Ctrl-C that goes unheard must say why.
-            # (or whether it had ended already, and which threads this process runs).
             ended = demo.poll() is not None
             status = Path(f"/proc/{demo.pid}/status")
             dispositions = [] if ended else [
                 line for line in status.read_text().splitlines()
                 if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
-            threads = [t.name for t in threading.enumerate()]
             demo.send_signal(signal.SIGINT)
             rest, stderr = demo.communicate(timeout=120)
-            why = (f"ended before the signal: {ended}; {dispositions}; threads here: "
-                   f"{threads}; the demo's stderr: {stderr[-500:]!r}; its stdout's end: "
-                   f"{rest[-500:]!r}")
+            why = (f"ended before the signal: {ended}; {dispositions}; the demo's stderr: "
+                   f"{stderr[-500:]!r}; its stdout's end: {rest[-500:]!r}")
             return demo.returncode, progress, stderr, why
 
-    returncode, progress, stderr, why = await trio.to_thread.run_sync(interrupt)
+    # A shell's background job (`pytest &` in a script) starts with SIGINT ignored, and an
+    # ignored signal stays ignored across fork and exec: the demo would never hear it.
+    # Give it the disposition an interactive shell gives (a handled signal resets on exec).
+    inherited = signal.getsignal(signal.SIGINT)
+    if inherited == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        returncode, progress, stderr, why = await trio.to_thread.run_sync(interrupt)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert progress, stderr
     assert returncode == 130, why
     lines = _error_lines(stderr, note=troupe.BLAS.name == REFERENCE)

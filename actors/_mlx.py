@@ -398,28 +398,19 @@ def _cache_types() -> tuple[Any, Any]:
         values: Any
 
         @classmethod
-        def from_rows(cls, rows: list[Any]) -> Any:
+        def from_rows(cls, rows: list[RowKV]) -> Any:
             """Rows left-padded to the longest, copied once from their parts, with room."""
             lengths = [int(row.offset) for row in rows]
             longest = max(lengths)
-            shaped = [row for row in rows if isinstance(row, RowKV)]
-            room = max((row.room for row in shaped), default=0)
-            if not shaped and longest == 0:
-                return cls([0] * len(rows))
-            if shaped:
-                layout: BlockLayout = shaped[0].layout
-                heads, key_dim = layout.key_shape
-                value_dim, dtype = layout.value_dim, getattr(mx, layout.dtype)
-            else:
-                sample = next(row for row in rows if row.keys is not None)
-                _, heads, _, key_dim = sample.keys.shape
-                value_dim, dtype = sample.values.shape[3], sample.keys.dtype
-            capacity = -(-(longest + room) // cls.step) * cls.step
+            layout = rows[0].layout
+            heads, key_dim = layout.key_shape
+            dtype = getattr(mx, layout.dtype)
+            capacity = -(-(longest + max(row.room for row in rows)) // cls.step) * cls.step
             keys = mx.zeros((len(rows), heads, capacity, key_dim), dtype)
-            values = mx.zeros((len(rows), heads, capacity, value_dim), dtype)
+            values = mx.zeros((len(rows), heads, capacity, layout.value_dim), dtype)
             for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
                 at = longest - length
-                for k, v in _row_parts(row):
+                for k, v in row.parts:
                     n = k.shape[2]
                     keys[i : i + 1, :, at : at + n, :] = k
                     values[i : i + 1, :, at : at + n, :] = v
@@ -473,18 +464,10 @@ def _cache_types() -> tuple[Any, Any]:
 
         @classmethod
         def merge(cls, caches: list[Any]) -> Any:
+            # mlx-lm merges with the first row's class; troupe hands every row in as a RowKV.
             return BatchKV.from_rows(caches)
 
     return BatchKV, RowKV
-
-
-def _row_parts(row: Any) -> list[tuple[mx.array, mx.array]]:
-    parts: list[tuple[mx.array, mx.array]] | None = getattr(row, "parts", None)
-    if parts is not None:
-        return parts
-    if row.keys is None:
-        return []
-    return [(row.keys[..., : row.offset, :], row.values[..., : row.offset, :])]
 
 
 def release_thread_resources() -> None:

@@ -260,3 +260,73 @@ async def test_rows_finishing_at_different_steps_leave_every_reply_unchanged() -
             return [*replies, after.tokens]
 
     assert await run(together=True) == await run(together=False)
+
+
+async def test_rows_joining_and_leaving_a_reused_batch_keep_every_reply_unchanged() -> None:
+    """The batch keeps its KV buffer across rows: one that leaves is filled by a row from
+    the end, a group joins into the free rows (or a new buffer when its contexts are longer
+    than the batch's, or the rows run out) and the buffer grows when replies run past its
+    room. Agents of very different context lengths, replies of different lengths, three
+    rounds through a batch of 5: every reply is the one the agent gives alone."""
+    systems = [f"{SPEAKER} You are number {i}. " + WORLD * (i % 4) for i in range(11)]
+    lengths = [4, 9, 17, 30, 6, 12, 45, 3, 22, 8, 60]
+
+    async def run(together: bool) -> list[list[tuple[int, ...]]]:
+        async with troupe.open_runtime(model=TINY, max_batch_size=5) as rt:
+            agents = [await rt.spawn(f"a{i}", system=s) for i, s in enumerate(systems)]
+            replies: list[list[tuple[int, ...]]] = [[] for _ in agents]
+
+            async def turns(i: int) -> None:
+                for round_no in range(3):
+                    reply = await agents[i].say(f"News {round_no} for {i}?",
+                                                max_tokens=lengths[(i + round_no) % 11])
+                    replies[i].append(reply.tokens)
+
+            if together:
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(agents)):
+                        nursery.start_soon(turns, i)
+                assert rt.statistics().peak_batch_size >= 5  # the batch was full
+            else:
+                for i in range(len(agents)):
+                    await turns(i)
+            return replies
+
+    assert await run(together=True) == await run(together=False)
+
+
+async def test_a_row_that_joins_with_a_long_reply_grows_the_batch_unchanged() -> None:
+    """A short-context turn with a long reply joins a running batch's free rows, where the
+    room was made for shorter replies: the buffer grows under it and every reply is the
+    one its agent gives alone."""
+    turns = {"a": (SPEAKER + " " + WORLD * 3, 60), "b": ("You are Bob.", 5), "c": (SPEAKER, 400)}
+
+    async def run(together: bool) -> dict[str, tuple[int, ...]]:
+        async with troupe.open_runtime(model=TINY, max_batch_size=4) as rt:
+            agents = {name: await rt.spawn(name, system=system)
+                      for name, (system, _) in turns.items()}
+            replies: dict[str, tuple[int, ...]] = {}
+
+            async def turn(name: str) -> None:
+                replies[name] = (await agents[name].say(TALK, max_tokens=turns[name][1])).tokens
+
+            if not together:
+                for name in turns:
+                    await turn(name)
+                return replies
+            async with trio.open_nursery() as nursery:
+                async with agents["a"].stream(TALK, max_tokens=turns["a"][1]) as stream:
+                    seen = 0
+                    async for _ in stream:
+                        seen += 1
+                        if seen == 3:  # b joins a running batch of one
+                            nursery.start_soon(turn, "b")
+                        if seen == 20:  # c joins the rows b's join made room for
+                            nursery.start_soon(turn, "c")
+                assert stream.reply is not None
+                replies["a"] = stream.reply.tokens
+            return replies
+
+    together, alone = await run(together=True), await run(together=False)
+    assert len(alone["c"]) == 400
+    assert together == alone

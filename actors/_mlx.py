@@ -392,27 +392,32 @@ def _cache_types() -> tuple[Any, Any, Any]:
     for every group joining it, and gathered whenever rows finished. These subclasses keep
     mlx-lm's left-padded layout and leave out the copies: a row is copied once, block by
     block, into a buffer with room for its prompt and reply; the running batch's buffer
-    keeps ``max_batch_size`` rows, a row leaving it is filled by one from the end (one row
-    copied, in place), and a group joins into the free rows (its rows copied, not the
-    batch). In a crowd-like round (64 agents, ~1,700-token contexts, batch 32) the joins
-    went from 9.0 s to 1.0 s and the leaves from 4.4 s to 0.7 s, the round from 47-50 s to
-    38 s. tests/test_turns.py and tests/test_engine.py pin that replies stay the same.
+    keeps free rows (as many as are live, up to ``max_batch_size`` in all), a row leaving
+    it is filled by one from the end (one row copied, in place), and a group joins into
+    the free rows (its rows copied, not the batch). In a crowd-like round (64 agents,
+    ~1,700-token contexts, batch 32) the joins went from 9.0 s to 1.0 s and the leaves
+    from 4.4 s to 0.7 s, the round from 47-50 s to 38 s. tests/test_turns.py and
+    tests/test_engine.py pin that replies stay the same.
     """
     from mlx_lm.generate import GenerationBatch
     from mlx_lm.models.cache import BatchKVCache, KVCache
 
     class BatchKV(BatchKVCache):  # type: ignore[misc]
-        """Rows ``[0, live)`` of ``keys``/``values`` are the batch's (``live`` is the length
-        of ``offset``); the rows after them are free."""
+        """mlx-lm's left-padded batch cache in a buffer it reuses. Rows ``[0, live)`` are
+        the batch's (``live`` is the length of ``offset``) and the rows after them are free;
+        columns ``[start, start + _idx)`` hold what mlx-lm's cache would (``_idx``,
+        ``offset`` and ``left_padding`` keep their meaning), and the columns before
+        ``start`` are padding every row shared, dropped without a copy."""
 
         keys: Any
         values: Any
         offset: Any
         left_padding: Any
         _idx: int
+        start = 0
         reserve_rows = 0
-        """Rows a new buffer has at least (the running batch's: its largest size), so rows
-        that join later fit into it."""
+        """Rows a new buffer may keep free for rows that join later (the running batch's:
+        its largest size): up to as many as are live, so the buffer doubles as it fills."""
 
         @classmethod
         def from_rows(cls, rows: list[RowKV]) -> Any:
@@ -437,25 +442,31 @@ def _cache_types() -> tuple[Any, Any, Any]:
         def live(self) -> int:
             return int(self.offset.shape[0])
 
+        def _window(self, rows: slice) -> tuple[Any, Any]:
+            columns = slice(self.start, self.start + self._idx)
+            return self.keys[rows, :, columns], self.values[rows, :, columns]
+
         def update_and_fetch(self, keys: mx.array, values: mx.array) -> Any:
             if self.keys is None:
                 return super().update_and_fetch(keys, values)
-            live, prev, n = keys.shape[0], self._idx, keys.shape[2]
-            if prev + n > self.keys.shape[2]:
+            live, n = keys.shape[0], keys.shape[2]
+            if self.start + self._idx + n > self.keys.shape[2]:
+                # Out of room: a new buffer, grown by whole steps as mlx-lm does.
                 grow = -(-n // self.step) * self.step
                 pad = [(0, 0), (0, 0), (0, grow), (0, 0)]
                 rows = max(live, min(self.keys.shape[0], self.reserve_rows))
-                self.keys = mx.pad(self.keys[:rows, :, :prev], pad)
-                self.values = mx.pad(self.values[:rows, :, :prev], pad)
+                window = self._window(slice(0, rows))
+                self.keys, self.values = mx.pad(window[0], pad), mx.pad(window[1], pad)
+                self.start = 0
+            at = self.start + self._idx
             self.offset = self.offset + n
             self._idx += n
-            self.keys[:live, :, prev : self._idx, :] = keys
-            self.values[:live, :, prev : self._idx, :] = values
+            self.keys[:live, :, at : at + n, :] = keys
+            self.values[:live, :, at : at + n, :] = values
             return self.keys_and_values()
 
         def keys_and_values(self) -> Any:
-            live = self.live
-            return self.keys[:live, :, : self._idx], self.values[:live, :, : self._idx]
+            return self._window(slice(0, self.live))
 
         def filter(self, batch_indices: list[int]) -> None:
             keep = list(batch_indices)
@@ -464,7 +475,7 @@ def _cache_types() -> tuple[Any, Any, Any]:
                 return
             moves = [(to, row) for to, row in enumerate(keep) if to != row]
             reordered = any(row < len(keep) for _, row in moves)
-            if reordered or self.keys.shape[0] > max(2 * len(keep), self.reserve_rows):
+            if reordered or self.keys.shape[0] >= 4 * len(keep):
                 # Rows reordered among themselves, or mostly free rows: a compact buffer.
                 rows = mx.array(keep)
                 self.keys = self.keys[rows]
@@ -472,43 +483,43 @@ def _cache_types() -> tuple[Any, Any, Any]:
             elif moves:
                 # Copy the rows that move out first, so nothing else reads the buffer and
                 # MLX updates it in place (one row copied each, not the batch gathered).
-                moved = [(mx.contiguous(self.keys[row : row + 1, :, : self._idx]),
-                          mx.contiguous(self.values[row : row + 1, :, : self._idx]))
+                moved = [tuple(mx.contiguous(a) for a in self._window(slice(row, row + 1)))
                          for _, row in moves]
                 mx.eval(moved)
+                columns = slice(self.start, self.start + self._idx)
                 for (to, _), (k, v) in zip(moves, moved, strict=True):
-                    self.keys[to : to + 1, :, : self._idx] = k
-                    self.values[to : to + 1, :, : self._idx] = v
+                    self.keys[to : to + 1, :, columns] = k
+                    self.values[to : to + 1, :, columns] = v
             rows = mx.array(keep)
             self.offset = self.offset[rows]
             self.left_padding = self.left_padding[rows]
-            # The padding every row shares costs attention at every step; dropping it costs a
-            # copy of the batch (the next update of the shortened view): the running batch
-            # drops a step's worth at a time, a prompt batch all of it, as mlx-lm does.
+            # Drop the padding every row now shares, as mlx-lm does, but by moving the
+            # window: mlx-lm's shortened view made its next update copy the batch.
             shift = min(self.left_padding.tolist())
-            if shift >= (self.step if self.reserve_rows else 1):
-                self.keys = self.keys[..., shift:, :]
-                self.values = self.values[..., shift:, :]
+            if shift > 0:
+                self.start += shift
                 self._idx -= shift
                 self.left_padding -= shift
 
         def extend(self, other: Any) -> None:
             joining = int(other.offset.shape[0])
-            if (self.keys is not None and other.keys is not None
+            if (isinstance(other, BatchKV) and self.keys is not None and other.keys is not None
                     and self.live + joining <= self.keys.shape[0] and other._idx <= self._idx):
                 # The group fits in the free rows, right-aligned like the rest: only its
                 # rows are copied, not the whole batch.
-                live, at = self.live, self._idx - other._idx
+                live, end = self.live, self.start + self._idx
                 to = slice(live, live + joining)
-                self.keys[to, :, at : self._idx] = other.keys[:joining, :, : other._idx]
-                self.values[to, :, at : self._idx] = other.values[:joining, :, : other._idx]
+                keys, values = other._window(slice(0, joining))
+                self.keys[to, :, end - other._idx : end] = keys
+                self.values[to, :, end - other._idx : end] = values
                 self.offset = mx.concatenate([self.offset, other.offset])
-                self.left_padding = mx.concatenate([self.left_padding, other.left_padding + at])
+                self.left_padding = mx.concatenate(
+                    [self.left_padding, other.left_padding + self._idx - other._idx])
                 return
+            self._compact()
+            if isinstance(other, BatchKV):
+                other._compact()
             if self.keys is None or other.keys is None:
-                self._compact()
-                if isinstance(other, BatchKV):
-                    other._compact()
                 super().extend(other)
                 return
             # As mlx-lm lays it out (both right-aligned at the longer end, the larger room),
@@ -521,7 +532,7 @@ def _cache_types() -> tuple[Any, Any, Any]:
             capacity = max(self.keys.shape[2], other.keys.shape[2]) - shared
             live = self.live
             _, heads, _, key_dim = self.keys.shape
-            rows = max(live + joining, self.reserve_rows)
+            rows = max(live + joining, min(2 * (live + joining), self.reserve_rows))
             keys = mx.zeros((rows, heads, capacity, key_dim), self.keys.dtype)
             values = mx.zeros((rows, heads, capacity, self.values.shape[3]), self.values.dtype)
             paddings = []
@@ -542,17 +553,20 @@ def _cache_types() -> tuple[Any, Any, Any]:
             super().finalize()
 
         def _compact(self) -> None:
-            if self.keys is not None and self.keys.shape[0] > self.live:
-                self.keys = self.keys[: self.live]
-                self.values = self.values[: self.live]
+            """Only the live rows and the window (views), for mlx-lm's own code."""
+            if self.keys is not None and (self.keys.shape[0] > self.live or self.start):
+                self.keys, self.values = (a[: self.live, :, self.start :]
+                                          for a in (self.keys, self.values))
+                self.start = 0
 
         def extract(self, idx: int) -> Any:
             # An evaluated copy of the row: a view would keep the buffer shared, and every
             # later update of it would then copy the whole batch instead of writing in place.
             padding = int(self.left_padding[idx].item())
+            row = slice(self.start + padding, self.start + self._idx)
             cache = KVCache()
-            cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, padding : self._idx])
-            cache.values = mx.contiguous(self.values[idx : idx + 1, :, padding : self._idx])
+            cache.keys = mx.contiguous(self.keys[idx : idx + 1, :, row])
+            cache.values = mx.contiguous(self.values[idx : idx + 1, :, row])
             mx.eval(cache.keys, cache.values)
             cache.offset = self._idx - padding
             return cache
@@ -582,7 +596,7 @@ def _cache_types() -> tuple[Any, Any, Any]:
 
     class RowsGeneration(GenerationBatch):  # type: ignore[misc]
         """mlx-lm's generation batch, whose rows leave by being filled from the end and
-        whose KV buffer keeps rows for its largest size."""
+        whose KV buffer keeps free rows for rows that join (up to ``reserve_rows``)."""
 
         reserve_rows = 0
 

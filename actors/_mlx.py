@@ -515,25 +515,20 @@ def _cache_types() -> tuple[Any, Any, Any]:
                 self.left_padding -= shift
 
         def extend(self, other: Any) -> None:
-            joining = int(other.offset.shape[0])
-            if (isinstance(other, BatchKV) and self.keys is not None and other.keys is not None
-                    and self.live + joining <= self.keys.shape[0] and other._idx <= self._idx):
+            if not isinstance(other, BatchKV) or self.keys is None or other.keys is None:
+                for cache in (self, other):
+                    if isinstance(cache, BatchKV):
+                        cache._compact()
+                super().extend(other)
+                return
+            live, joining = self.live, other.live
+            if live + joining <= self.keys.shape[0] and other._idx <= self._idx:
                 # The group fits in the free rows, right-aligned like the rest: only its
                 # rows are copied, not the whole batch.
-                live, end = self.live, self.start + self._idx
-                to = slice(live, live + joining)
-                keys, values = other._window(slice(0, joining))
-                self.keys[to, :, end - other._idx : end] = keys
-                self.values[to, :, end - other._idx : end] = values
+                _place(self.keys, self.values, live, self.start + self._idx, other, 0)
                 self.offset = mx.concatenate([self.offset, other.offset])
                 self.left_padding = mx.concatenate(
                     [self.left_padding, other.left_padding + self._idx - other._idx])
-                return
-            self._compact()
-            if isinstance(other, BatchKV):
-                other._compact()
-            if self.keys is None or other.keys is None:
-                super().extend(other)
                 return
             # As mlx-lm lays it out (both right-aligned at the longer end, the larger room),
             # but one copy into a new buffer, not a padded copy concatenated into another,
@@ -542,21 +537,18 @@ def _cache_types() -> tuple[Any, Any, Any]:
             shared = min(min(self.left_padding.tolist()) + longer - self._idx,
                          min(other.left_padding.tolist()) + longer - other._idx)
             end = longer - shared
-            capacity = max(self.keys.shape[2], other.keys.shape[2]) - shared
-            live = self.live
+            capacity = max(self.keys.shape[2] - self.start, other.keys.shape[2] - other.start)
             _, heads, _, key_dim = self.keys.shape
             rows = max(live + joining, min(2 * (live + joining), self.reserve_rows))
-            keys = mx.zeros((rows, heads, capacity, key_dim), self.keys.dtype)
-            values = mx.zeros((rows, heads, capacity, self.values.shape[3]), self.values.dtype)
+            keys = mx.zeros((rows, heads, capacity - shared, key_dim), self.keys.dtype)
+            values = mx.zeros((rows, heads, capacity - shared, self.values.shape[3]),
+                              self.values.dtype)
             paddings = []
-            for first, cache, count in ((0, self, live), (live, other, joining)):
-                move = end - cache._idx  # negative: the shared padding is left out
-                skip = max(0, -move)
-                to = slice(first, first + count)
-                keys[to, :, skip + move : end] = cache.keys[:count, :, skip : cache._idx]
-                values[to, :, skip + move : end] = cache.values[:count, :, skip : cache._idx]
-                paddings.append(cache.left_padding + move)
-            self.keys, self.values = keys, values
+            for first, cache in ((0, self), (live, other)):
+                skip = max(0, cache._idx - end)  # columns of the shared padding, left out
+                _place(keys, values, first, end, cache, skip)
+                paddings.append(cache.left_padding + end - cache._idx)
+            self.keys, self.values, self.start = keys, values, 0
             self.offset = mx.concatenate([self.offset, other.offset])
             self.left_padding = mx.concatenate(paddings)
             self._idx = end
@@ -634,6 +626,17 @@ def _cache_types() -> tuple[Any, Any, Any]:
             super().filter([i if i in kept else next(movers) for i in range(count)])
 
     return BatchKV, RowKV, RowsGeneration
+
+
+def _place(keys: mx.array, values: mx.array, first: int, end: int, source: Any,
+           skip: int) -> None:
+    """Copy ``source``'s live rows into rows ``first`` on of ``keys``/``values``, their
+    window right-aligned to column ``end``, leaving out its first ``skip`` columns."""
+    rows = slice(first, first + source.live)
+    source_keys, source_values = source._window(slice(0, source.live))
+    columns = slice(end - source._idx + skip, end)
+    keys[rows, :, columns] = source_keys[..., skip:, :]
+    values[rows, :, columns] = source_values[..., skip:, :]
 
 
 def _zeros(layout: BlockLayout, rows: int, capacity: int) -> tuple[mx.array, mx.array]:

@@ -25,6 +25,7 @@ import trio.lowlevel
 
 from .._errors import EngineError, RuntimeClosedError
 from .._records import Sampling
+from ._heap import trim_heap
 from ._mlx import (
     Batch,
     KVBlock,
@@ -143,6 +144,11 @@ class _Sequence:
         prefix = self.spec.prefix
         return len(prefix.blocks) if prefix is not None and self.reused else 0
 
+    @property
+    def cut_from(self) -> int:
+        """The first token of the blocks the final cut copies (after the published ones)."""
+        return (self.first_block + len(self.published)) * self.spec.block_size
+
 
 @attrs.define(eq=False)
 class _Outcome(Generic[T]):
@@ -165,6 +171,10 @@ class EngineCounters:
 
 
 _STOP = object()
+
+IDLE_TRIM_SECONDS = 1.0
+"""How long the engine waits with nothing to do before it hands the heap's free pages
+back to the OS (see _heap.py)."""
 
 
 class Engine:
@@ -285,9 +295,19 @@ class Engine:
             release_thread_resources()
 
     def _serve(self) -> None:
+        trimmed = True
         while True:
-            # Idle: sleep until a command comes. Busy: take what is queued, then step.
-            commands = [] if self._sequences else [self._commands.get()]
+            # Idle: sleep until a command comes, handing the heap's free pages back to the
+            # OS if none comes for a while. Busy: take what is queued, then step.
+            commands = []
+            if not self._sequences:
+                try:
+                    commands.append(self._commands.get(
+                        timeout=None if trimmed else IDLE_TRIM_SECONDS))
+                except queue.Empty:
+                    trim_heap()
+                    trimmed = True
+                    continue
             while True:
                 try:
                     commands.append(self._commands.get_nowait())
@@ -300,6 +320,7 @@ class Engine:
                 self._execute(command)
             if self._sequences:
                 self._step()
+                trimmed = False
 
     def _refuse(self, command: Any, error: EngineError | None) -> None:
         if isinstance(command, SequenceSpec):
@@ -359,6 +380,9 @@ class Engine:
         sequence = _Sequence(spec, uid, len(history), TextStream(self._model.tokenizer))
         self._sequences[spec.key] = sequence
         self._by_uid[uid] = sequence
+        # The finished row is copied out from its first new block on (none if not cut).
+        self._batch.keep_from(uid, sequence.cut_from if spec.cut
+                              else len(history) + len(prompt) + spec.sampling.max_tokens)
 
     @staticmethod
     def _failed(spec: SequenceSpec, exc: BaseException) -> FinishEvent:
@@ -399,10 +423,8 @@ class Engine:
             logger.warning("dropping a cache that covers %d tokens, not %d",
                            cache_tokens(cache) if cache else 0, len(tokens))
             return None
-        first = sequence.first_block
-        start = (first + len(sequence.published)) * spec.block_size
-        blocks, tail = cut_blocks(cache, start, spec.block_size, tail=True)
-        return CutKV(tuple(tokens), first, [*sequence.published, *blocks],
+        blocks, tail = cut_blocks(cache, sequence.cut_from, spec.block_size, tail=True)
+        return CutKV(tuple(tokens), sequence.first_block, [*sequence.published, *blocks],
                      [*sequence.published_views, *(block_bytes(b) for b in blocks)], tail,
                      block_bytes(tail) if tail is not None else None)
 
@@ -422,6 +444,7 @@ class Engine:
             return None
         sequence.published = blocks
         sequence.published_views = [block_bytes(b) for b in blocks]
+        self._batch.keep_from(sequence.uid, sequence.cut_from)
         return PromptEvent(spec.key, CutKV(tuple(tokens), first, blocks,
                                            sequence.published_views, None, None))
 

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import attrs
 import mlx.core as mx
@@ -219,10 +219,13 @@ class Batch:
             prefill_batch_size=min(8, max_batch_size),
             prefill_step_size=prefill_step_size,
         )
-        # The generation batch is made once and lives as long as the generator.
+        # The generation batch and the prompt batch are made once and live as long as the
+        # generator: troupe's classes for them copy less KV.
         generation = self._generator._generation_batch
-        generation.__class__ = _cache_types()[2]
+        generation.__class__ = _cache_types().rows_generation
         generation.reserve_rows = max_batch_size
+        generation.kept_from = {}
+        self._generator._prompt_batch.__class__ = _cache_types().rows_prompt
 
     def insert(
         self,
@@ -241,6 +244,12 @@ class Batch:
             samplers=[sampler],
         )
         return int(uids[0])
+
+    def keep_from(self, uid: int, token: int) -> None:
+        """When sequence ``uid`` ends, its cache need only hold tokens from ``token`` on
+        (the caller has the rest as blocks): the copy made as it leaves the batch is that
+        much smaller. Its cache is then a ``RowSuffix``, which ``cut_blocks`` reads."""
+        self._generator._generation_batch.kept_from[uid] = token
 
     def step(self) -> tuple[list[int], list[StepOutput]]:
         """One step: the uids whose prompt is now wholly in the cache (they moved on to
@@ -264,7 +273,7 @@ class Batch:
         Copy what you keep of it and let it go before the next ``step``: while it lives, the
         batch's updates of its buffer copy the buffer whole."""
         generation = self._generator._generation_batch
-        batch_kv = _cache_types()[0]
+        batch_kv = _cache_types().batch_kv
         if uid in generation.uids and all(isinstance(c, batch_kv)
                                           for c in generation.prompt_cache):
             # Views, not mlx-lm's evaluated copy of the whole row: troupe's cut copies only
@@ -281,6 +290,7 @@ class Batch:
     def remove(self, uid: int) -> tuple[KVLayers, list[int]] | None:
         """Take a sequence out mid-flight; returns its cache and the tokens it covers."""
         caches = self._generator.remove([uid], return_prompt_caches=True)
+        self._generator._generation_batch.kept_from.pop(uid, None)
         if uid not in caches:
             return None
         cache, tokens = caches[uid]
@@ -366,10 +376,14 @@ def cut_blocks(
     """Copies of the cache's full blocks from token ``start`` (a block boundary) on, and
     of the partial tail after them if ``tail``. Evaluated: nothing keeps the cache alive."""
     covered = cache_tokens(cache)
+    skipped = int(getattr(cache[0], "skipped", 0))  # a RowSuffix holds tokens from there on
+    if start < skipped:
+        raise ValueError(f"blocks from token {start} of a cache that starts at {skipped}")
     full_end = covered - covered % block_size
-    spans = [(s, s + block_size) for s in range(start, full_end, block_size)]
+    spans = [(s - skipped, s + block_size - skipped)
+             for s in range(start, full_end, block_size)]
     if tail and full_end < covered:
-        spans.append((full_end, covered))
+        spans.append((full_end - skipped, covered - skipped))
     pieces: list[KVBlock] = [
         [(mx.contiguous(layer.keys[..., a:b, :]), mx.contiguous(layer.values[..., a:b, :]))
          for layer in cache]
@@ -387,32 +401,46 @@ def row_cache(parts: list[KVBlock], layout: BlockLayout, room: int) -> KVLayers:
     The batch copies the parts once, straight into its own buffer, with room for ``room``
     more tokens (the turn's prompt and reply), so it need not grow while they come in.
     """
-    row_kv = _cache_types()[1]
+    row_kv = _cache_types().row_kv
     layers = len(parts[0]) if parts else layout.layers
     return [row_kv([part[i][0] for part in parts], [part[i][1] for part in parts], layout, room)
             for i in range(layers)]
 
 
+class _Types(NamedTuple):
+    batch_kv: Any
+    row_kv: Any
+    rows_generation: Any
+    rows_prompt: Any
+    row_suffix: Any
+
+
 @functools.cache
-def _cache_types() -> tuple[Any, Any, Any]:
+def _cache_types() -> _Types:
     """troupe's mlx-lm batch classes, made on first use (importing mlx-lm is slow).
 
     mlx-lm copies a batch's whole KV whenever its rows change: a row's KV was copied four
     times on its way in (troupe joined its blocks; mlx-lm merged the rows into a padded
     buffer, grew it by concatenation as the prompt came in, and gathered it when the prompt
     batch moved on to decoding); the running batch was padded and concatenated (two copies)
-    for every group joining it, and gathered whenever rows finished. These subclasses keep
+    for every group joining it, and gathered whenever rows finished; the prompt batch was
+    deep-copied whenever rows finished their prompt, and rolled whole after every chunk of
+    prompts of unequal length; a finished row was copied whole. These subclasses keep
     mlx-lm's left-padded layout and leave out the copies: a row is copied once, block by
     block, into a buffer with room for its prompt and reply; the running batch's buffer
     keeps free rows (as many as are live, up to ``max_batch_size`` in all), a row leaving
     it is filled by one from the end (one row copied, in place), a group joins into the
     free rows (its rows copied, not the batch), and the padding all rows come to share is
-    dropped by moving a window over the buffer. In a crowd-like round (64 agents,
-    ~1,700-token contexts, batch 32) the joins went from 9.0 s to 1.0 s and the leaves
-    from 4.4 s to 0.7 s, the round from 47-50 s to 38 s. tests/test_turns.py and
-    tests/test_engine.py pin that replies stay the same.
+    dropped by moving a window over the buffer; rows leave the prompt batch as a copy of
+    just those rows, a ragged chunk moves only the rows it left short, and a finished row
+    is copied from the first token its caller does not hold as blocks. In a crowd-like
+    round (64 agents, ~1,700-token contexts, batch 32) the joins went from 9.0 s to 1.0 s
+    and the leaves from 4.4 s to 0.7 s, the round from 47-50 s to 38 s; the prompt batch's
+    and finished rows' copies took MLX's peak from 2,243 to 2,074-2,111 MB.
+    tests/test_turns.py, tests/test_engine.py and tests/test_blocks.py pin that replies
+    stay the same.
     """
-    from mlx_lm.generate import GenerationBatch
+    from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
     from mlx_lm.models.cache import BatchKVCache, KVCache
 
     class BatchKV(BatchKVCache):  # type: ignore[misc]
@@ -426,6 +454,7 @@ def _cache_types() -> tuple[Any, Any, Any]:
         values: Any
         offset: Any
         left_padding: Any
+        _right_padding: Any
         _idx: int
         start = 0
         reserve_rows = 0
@@ -487,22 +516,16 @@ def _cache_types() -> tuple[Any, Any, Any]:
                 super().filter(keep)
                 return
             moves = [(to, row) for to, row in enumerate(keep) if to != row]
-            reordered = any(row < len(keep) for _, row in moves)
-            if reordered or self.keys.shape[0] >= 4 * len(keep):
-                # Rows reordered among themselves, or mostly free rows: a compact buffer.
+            if self.keys.shape[0] >= 4 * len(keep):
+                # Mostly free rows: a compact buffer.
                 rows = mx.array(keep)
                 self.keys = self.keys[rows]
                 self.values = self.values[rows]
             elif moves:
                 # Copy the rows that move out first, so nothing else reads the buffer and
-                # MLX updates it in place (one row copied each, not the batch gathered).
-                moved = [tuple(mx.contiguous(a) for a in self._window(slice(row, row + 1)))
-                         for _, row in moves]
-                mx.eval(moved)
-                columns = slice(self.start, self.start + self._idx)
-                for (to, _), (k, v) in zip(moves, moved, strict=True):
-                    self.keys[to : to + 1, :, columns] = k
-                    self.values[to : to + 1, :, columns] = v
+                # MLX updates it in place (the moved rows copied, not the batch gathered);
+                # with every source copied first, any order of rows is safe.
+                self._move_rows(moves, [0] * len(moves))
             rows = mx.array(keep)
             self.offset = self.offset[rows]
             self.left_padding = self.left_padding[rows]
@@ -554,8 +577,45 @@ def _cache_types() -> tuple[Any, Any, Any]:
             self._idx = end
 
         def finalize(self) -> None:
-            self._compact()
-            super().finalize()
+            # mlx-lm rolls the whole buffer to right-align the rows a ragged prompt chunk
+            # left short (a copy of the prompt batch per chunk): only those rows move here.
+            padding = self._right_padding
+            if padding is None or self.keys is None:
+                super().finalize()
+                return
+            shifts = [(i, p) for i, p in enumerate(padding.tolist()) if p > 0]
+            self._move_rows([(i, i) for i, _ in shifts], [p for _, p in shifts])
+            self.offset = self.offset - padding
+            self.left_padding = self.left_padding + padding
+            self._right_padding = None
+
+        def _move_rows(self, moves: list[tuple[int, int]], shifts: list[int]) -> None:
+            """Row ``row``'s KV to row ``to``, ``shift`` columns to the right, for each
+            (to, row) of ``moves``: each source row is copied out first (so MLX updates the
+            buffer in place), then written back. A right shift drops the row's last
+            ``shift`` columns and leaves its first ones as they were (padding, masked)."""
+            moved = []
+            for (_, row), shift in zip(moves, shifts, strict=True):
+                keys, values = self._window(slice(row, row + 1))
+                end = keys.shape[2] - shift
+                moved.append((mx.contiguous(keys[..., :end, :]),
+                              mx.contiguous(values[..., :end, :])))
+            mx.eval(moved)
+            for (to, _), shift, (k, v) in zip(moves, shifts, moved, strict=True):
+                columns = slice(self.start + shift, self.start + self._idx)
+                self.keys[to : to + 1, :, columns] = k
+                self.values[to : to + 1, :, columns] = v
+
+        def take(self, rows: list[int]) -> Any:
+            """A new cache of ``rows`` (an evaluated copy of just those rows)."""
+            taken = copy.copy(self)
+            index = mx.array(rows)
+            taken.keys, taken.values = (a[index, :, self.start :] for a in (self.keys,
+                                                                             self.values))
+            taken.offset, taken.left_padding = self.offset[index], self.left_padding[index]
+            taken.start = 0
+            mx.eval(taken.keys, taken.values, taken.offset, taken.left_padding)
+            return taken
 
         def _compact(self) -> None:
             """Only the live rows and the window (views), for mlx-lm's own code."""
@@ -574,14 +634,27 @@ def _cache_types() -> tuple[Any, Any, Any]:
             cache.offset = self._idx - padding
             return cache
 
-        def extract(self, idx: int) -> Any:
+        def extract(self, idx: int, first: int = 0) -> Any:
+            """Row ``idx`` as an evaluated copy of its tokens from ``first`` on (a
+            ``RowSuffix``; the tokens before it are the caller's already)."""
             # mlx-lm takes a finished row out just before the batch's filter moves rows in
-            # place: an evaluated copy, so no view shares the buffer when the moves run
-            # (one would make them copy the whole batch).
-            cache = self.row_view(idx)
-            cache.keys, cache.values = mx.contiguous(cache.keys), mx.contiguous(cache.values)
+            # place: a copy, so no view shares the buffer when the moves run (one would
+            # make them copy the whole batch).
+            view = self.row_view(idx)
+            cache = RowSuffix(first)
+            cache.keys, cache.values = (mx.contiguous(a[..., first:, :])
+                                        for a in (view.keys, view.values))
+            cache.offset = view.offset
             mx.eval(cache.keys, cache.values)
             return cache
+
+    class RowSuffix(KVCache):  # type: ignore[misc]
+        """A finished row's cache that holds only its tokens from ``skipped`` on:
+        ``offset`` counts them all, ``keys`` and ``values`` start at token ``skipped``."""
+
+        def __init__(self, skipped: int) -> None:
+            super().__init__()
+            self.skipped = skipped
 
     class RowKV(KVCache):  # type: ignore[misc]
         keys: Any
@@ -611,6 +684,8 @@ def _cache_types() -> tuple[Any, Any, Any]:
         whose KV buffer keeps free rows for rows that join (up to ``reserve_rows``)."""
 
         reserve_rows = 0
+        kept_from: dict[int, int]
+        """Per uid, the first token of a finished row's KV its caller keeps."""
 
         def extend(self, batch: Any) -> None:
             for cache in (*self.prompt_cache, *batch.prompt_cache):
@@ -618,14 +693,40 @@ def _cache_types() -> tuple[Any, Any, Any]:
                     cache.reserve_rows = self.reserve_rows
             super().extend(batch)
 
+        def extract_cache(self, idx: int) -> list[Any]:
+            # Only the tokens the caller does not hold as blocks yet are copied out.
+            first = self.kept_from.get(self.uids[idx], 0)
+            return [c.extract(idx, first) if isinstance(c, BatchKV) else c.extract(idx)
+                    for c in self.prompt_cache]
+
         def filter(self, keep: list[int]) -> None:
             # Rows are told apart by uid, so their order is free: each row that leaves is
             # replaced by one from the end, and only those rows move in the cache.
             count, kept = len(keep), set(keep)
+            for i, uid in enumerate(self.uids):
+                if i not in kept:
+                    self.kept_from.pop(uid, None)
             movers = iter(i for i in keep if i >= count)
             super().filter([i if i in kept else next(movers) for i in range(count)])
 
-    return BatchKV, RowKV, RowsGeneration
+    class RowsPrompt(PromptProcessingBatch):  # type: ignore[misc]
+        """mlx-lm's prompt batch, whose rows that finish their prompt leave as a copy of
+        just those rows (mlx-lm deep-copied the whole batch, then filtered both copies)."""
+
+        def split(self, indices: list[int]) -> Any:
+            if not all(isinstance(c, BatchKV) and c.keys is not None
+                       for c in self.prompt_cache):
+                return super().split(indices)
+            indices = sorted(indices)
+            caches = [c.take(indices) for c in self.prompt_cache]
+            leaving = copy.copy(self)
+            leaving.prompt_cache = []  # so filter only picks the per-row lists
+            leaving.filter(indices)
+            leaving.prompt_cache = caches
+            self.filter(sorted(set(range(len(self.uids))) - set(indices)))
+            return leaving
+
+    return _Types(BatchKV, RowKV, RowsGeneration, RowsPrompt, RowSuffix)
 
 
 def _place(keys: mx.array, values: mx.array, first: int, end: int, source: Any,

@@ -12,6 +12,7 @@ Each prints its figures and the ratios measured side by side in one process.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from . import BLAS
 from ._bench import first_token_seconds
 from ._runtime import Runtime, open_runtime
 from .actors._agent import Agent
+from .actors._engine import IDLE_TRIM_SECONDS
 
 WORLD = (
     "The village of Millbrook sits by a slow river between two hills. Its market opens at "
@@ -102,6 +104,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _resident_mb() -> float | None:
+    """The process's resident memory now (Linux), or None where /proc has no statm."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except OSError:
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)  # as the peak: MiB
+
+
 async def bench_scale(
     *, model: str, agents: int, turns: int, budget: str, max_tokens: int, batch: int,
     out: TextIO = sys.stdout,
@@ -135,6 +147,9 @@ async def bench_scale(
             elapsed = time.perf_counter() - started
             stats = rt.statistics()
             contexts = [a.statistics().cached_tokens for a in crowd]
+            # An idle engine hands the heap's free pages back to the OS (actors/_heap.py).
+            await anyio.sleep(IDLE_TRIM_SECONDS + 1.0)
+            idle = _resident_mb()
     peak = _peak_rss_mb()
     budget_mb = stats.kv_budget / 1e6
     print(f"  contexts           {min(contexts)}-{max(contexts)} tokens per agent\n"
@@ -146,4 +161,7 @@ async def bench_scale(
           f"{stats.store_bytes_read / 1e6:.1f} MB read\n"
           f"  peak RSS           {peak:.0f} MB (before opening: {rss_before:.0f} MB; model "
           f"{model_mb:.0f} MB + budget {budget_mb:.0f} MB + 300 MB = "
-          f"{model_mb + budget_mb + 300:.0f} MB)", file=out, flush=True)
+          f"{model_mb + budget_mb + 300:.0f} MB)\n"
+          f"  RSS when idle      "
+          f"{'unknown' if idle is None else f'{idle:.0f} MB'} (the runtime still open, "
+          f"{IDLE_TRIM_SECONDS + 1.0:.0f} s after the last turn)", file=out, flush=True)

@@ -412,7 +412,6 @@ class _Types(NamedTuple):
     row_kv: Any
     rows_generation: Any
     rows_prompt: Any
-    row_suffix: Any
 
 
 @functools.cache
@@ -515,7 +514,7 @@ def _cache_types() -> _Types:
             if self.keys is None:
                 super().filter(keep)
                 return
-            moves = [(to, row) for to, row in enumerate(keep) if to != row]
+            moves = [(to, row, 0) for to, row in enumerate(keep) if to != row]
             if self.keys.shape[0] >= 4 * len(keep):
                 # Mostly free rows: a compact buffer.
                 rows = mx.array(keep)
@@ -525,7 +524,7 @@ def _cache_types() -> _Types:
                 # Copy the rows that move out first, so nothing else reads the buffer and
                 # MLX updates it in place (the moved rows copied, not the batch gathered);
                 # with every source copied first, any order of rows is safe.
-                self._move_rows(moves, [0] * len(moves))
+                self._move_rows(moves)
             rows = mx.array(keep)
             self.offset = self.offset[rows]
             self.left_padding = self.left_padding[rows]
@@ -583,25 +582,25 @@ def _cache_types() -> _Types:
             if padding is None or self.keys is None:
                 super().finalize()
                 return
-            shifts = [(i, p) for i, p in enumerate(padding.tolist()) if p > 0]
-            self._move_rows([(i, i) for i, _ in shifts], [p for _, p in shifts])
+            self._move_rows([(i, i, p) for i, p in enumerate(padding.tolist()) if p > 0])
             self.offset = self.offset - padding
             self.left_padding = self.left_padding + padding
             self._right_padding = None
 
-        def _move_rows(self, moves: list[tuple[int, int]], shifts: list[int]) -> None:
-            """Row ``row``'s KV to row ``to``, ``shift`` columns to the right, for each
-            (to, row) of ``moves``: each source row is copied out first (so MLX updates the
-            buffer in place), then written back. A right shift drops the row's last
-            ``shift`` columns and leaves its first ones as they were (padding, masked)."""
+        def _move_rows(self, moves: list[tuple[int, int, int]]) -> None:
+            """For each (to, row, shift) of ``moves``, row ``row``'s KV to row ``to``,
+            ``shift`` columns to the right: each source row is copied out first (so MLX
+            updates the buffer in place), then written back. A right shift drops the row's
+            last ``shift`` columns and leaves its first ones as they were (padding, masked).
+            """
             moved = []
-            for (_, row), shift in zip(moves, shifts, strict=True):
+            for _, row, shift in moves:
                 keys, values = self._window(slice(row, row + 1))
                 end = keys.shape[2] - shift
                 moved.append((mx.contiguous(keys[..., :end, :]),
                               mx.contiguous(values[..., :end, :])))
             mx.eval(moved)
-            for (to, _), shift, (k, v) in zip(moves, shifts, moved, strict=True):
+            for (to, _, shift), (k, v) in zip(moves, moved, strict=True):
                 columns = slice(self.start + shift, self.start + self._idx)
                 self.keys[to : to + 1, :, columns] = k
                 self.values[to : to + 1, :, columns] = v
@@ -726,7 +725,7 @@ def _cache_types() -> _Types:
             self.filter(sorted(set(range(len(self.uids))) - set(indices)))
             return leaving
 
-    return _Types(BatchKV, RowKV, RowsGeneration, RowsPrompt, RowSuffix)
+    return _Types(BatchKV, RowKV, RowsGeneration, RowsPrompt)
 
 
 def _place(keys: mx.array, values: mx.array, first: int, end: int, source: Any,

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -205,12 +206,30 @@ class StepOutput:
     all_tokens: list[int] | None
 
 
+def eager_default() -> bool:
+    """Whether batch steps are eager by default: on the CPU. A turn's cache then covers
+    its prompt and its reply but the reply's last token (the next turn prefills it)."""
+    return bool(mx.default_device().type == mx.cpu)
+
+
 class Batch:
     """mlx-lm's continuous batching generator behind a small typed surface."""
 
-    def __init__(self, model: LoadedModel, max_batch_size: int, prefill_step_size: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch_size: int,
+        prefill_step_size: int,
+        *,
+        eager: bool | None = None,
+    ) -> None:
+        """``eager``: a step returns the tokens it samples (the default on the CPU), rather
+        than mlx-lm's, which returns the tokens it feeds and samples the next ones
+        asynchronously (the default elsewhere). Greedy replies are the same either way."""
         from mlx_lm.generate import BatchGenerator
 
+        if eager is None:
+            eager = eager_default()
         self._model = model
         self._generator = BatchGenerator(
             model.model,
@@ -221,11 +240,15 @@ class Batch:
         )
         # The generation batch and the prompt batch are made once and live as long as the
         # generator: troupe's classes for them copy less KV.
+        types = _cache_types()
         generation = self._generator._generation_batch
-        generation.__class__ = _cache_types().rows_generation
+        generation.__class__ = types.rows_generation
         generation.reserve_rows = max_batch_size
         generation.kept_from = {}
-        self._generator._prompt_batch.__class__ = _cache_types().rows_prompt
+        generation.eager = eager
+        self._generator._prompt_batch.__class__ = types.rows_prompt
+        if eager:
+            self._generator.__class__ = types.eager_generator
 
     def insert(
         self,
@@ -412,6 +435,7 @@ class _Types(NamedTuple):
     row_kv: Any
     rows_generation: Any
     rows_prompt: Any
+    eager_generator: Any
 
 
 @functools.cache
@@ -439,7 +463,7 @@ def _cache_types() -> _Types:
     tests/test_turns.py, tests/test_engine.py and tests/test_blocks.py pin that replies
     stay the same.
     """
-    from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+    from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
     from mlx_lm.models.cache import BatchKVCache, KVCache
 
     class BatchKV(BatchKVCache):  # type: ignore[misc]
@@ -685,6 +709,37 @@ def _cache_types() -> _Types:
         reserve_rows = 0
         kept_from: dict[int, int]
         """Per uid, the first token of a finished row's KV its caller keeps."""
+        eager = False
+        """A step returns the tokens it samples, not (as mlx-lm's) the ones it feeds."""
+        _deferred = False
+
+        @classmethod
+        def joining(cls, prompted: Any, last: list[int]) -> Any:
+            """Rows that finished their prompt but its last token, which they feed in the
+            running batch's next step (mlx-lm steps them once on their own first)."""
+            batch = cls.__new__(cls)
+            batch._deferred = True
+            GenerationBatch.__init__(
+                batch, prompted.model, prompted.uids, mx.array(last), prompted.prompt_cache,
+                prompted.tokens, prompted.samplers, prompted.fallback_sampler,
+                prompted.logits_processors, prompted.stop_sequences, prompted.max_tokens)
+            batch._deferred = False
+            # One entry per row, as mlx-lm's filter expects, until their first step.
+            batch._next_logprobs = [mx.array(0.0)] * len(batch.uids)
+            return batch
+
+        def _step(self) -> Any:
+            if self._deferred:
+                return [], []
+            fed, logprobs = super()._step()
+            if not self.eager:
+                return fed, logprobs
+            # mlx-lm has begun evaluating the tokens it sampled (the rows' next input) and
+            # returns the ones it fed, a step late. On the CPU its async_eval waits for
+            # nearly all of the forward pass anyway (MLX bounds the tasks in flight), so
+            # the pipelining only delays each token by a step: return the sampled ones.
+            mx.eval(self._next_tokens, self._next_logprobs)
+            return self._next_tokens.tolist(), self._next_logprobs
 
         def extend(self, batch: Any) -> None:
             for cache in (*self.prompt_cache, *batch.prompt_cache):
@@ -710,22 +765,96 @@ def _cache_types() -> _Types:
 
     class RowsPrompt(PromptProcessingBatch):  # type: ignore[misc]
         """mlx-lm's prompt batch, whose rows that finish their prompt leave as a copy of
-        just those rows (mlx-lm deep-copied the whole batch, then filtered both copies)."""
+        just those rows, or with its buffer if all leave (mlx-lm deep-copied the whole
+        batch, then filtered both copies)."""
+
+        prompt_cache: list[Any]
 
         def split(self, indices: list[int]) -> Any:
             if not all(isinstance(c, BatchKV) and c.keys is not None
                        for c in self.prompt_cache):
                 return super().split(indices)
             indices = sorted(indices)
-            caches = [c.take(indices) for c in self.prompt_cache]
+            everyone = len(indices) == len(self.uids)
+            # When every row leaves, its buffer goes with them, uncopied.
+            caches = (self.prompt_cache if everyone
+                      else [c.take(indices) for c in self.prompt_cache])
             leaving = copy.copy(self)
             leaving.prompt_cache = []  # so filter only picks the per-row lists
             leaving.filter(indices)
             leaving.prompt_cache = caches
+            if everyone:
+                self.prompt_cache = []
             self.filter(sorted(set(range(len(self.uids))) - set(indices)))
             return leaving
 
-    return _Types(BatchKV, RowKV, RowsGeneration, RowsPrompt)
+    class EagerGenerator(BatchGenerator):  # type: ignore[misc]
+        """mlx-lm's generator with eager steps (``RowsGeneration.eager``): rows that
+        finished their prompt join the running batch before its step and feed their last
+        prompt token in it, so their first token comes out of that step (mlx-lm stepped
+        them on their own, and their first token came out of the step after)."""
+
+        _currently_processing: list[Any]
+        """mlx-lm's: per prompt-batch row, [segments left, tokens done, tokens in all]."""
+
+        def _join_prompted(self) -> list[Any]:
+            split = [i for i, (segments, _, _) in enumerate(self._currently_processing)
+                     if len(segments) == 1 and len(segments[0]) == 1]
+            if not split:
+                return []
+            last = [self._currently_processing[i][0][0][0] for i in split]
+            totals = [self._currently_processing[i][2] for i in split]
+            leaving = set(split)
+            self._currently_processing = [p for i, p in enumerate(self._currently_processing)
+                                          if i not in leaving]
+            joining = RowsGeneration.joining(self._prompt_batch.split(split), last)
+            self._generation_batch.extend(joining)
+            return [PromptProcessingBatch.Response(uid, (total, total), True, True)
+                    for uid, total in zip(joining.uids, totals, strict=True)]
+
+        def _next(self) -> Any:
+            # mlx-lm's _next, with the prompt batch's finished rows joining first.
+            prompt_responses = self._join_prompted()
+            generation_responses = []
+            counters = self._counters
+            if len(self._generation_batch) > 0:
+                tic = time.perf_counter()
+                generation_responses = self._generation_batch.next()
+                counters.decode_time += time.perf_counter() - tic
+                counters.generation_tokens += len(generation_responses)
+                counters.generation_steps += 1
+                if counters.generation_steps % 512 == 0:
+                    mx.clear_cache()
+            if len(self._generation_batch) >= self.completion_batch_size:
+                return prompt_responses, generation_responses
+            n = min(self.prefill_batch_size - len(self._prompt_batch),
+                    self.completion_batch_size - len(self._generation_batch),
+                    len(self._unprocessed_sequences))
+            if n > 0:
+                self._prompt_batch.extend(self._make_batch(n))
+            # Rows queued with a one-token prompt: they step with the batch next time.
+            prompt_responses += self._join_prompted()
+            prompts = []
+            for i, progress in enumerate(self._currently_processing):
+                response = PromptProcessingBatch.Response(
+                    self._prompt_batch.uids[i], 0, False, False)
+                segments = progress[0]
+                chunk = segments[0][: self.prefill_step_size]
+                segments[0] = segments[0][len(chunk):]
+                if not segments[0]:
+                    segments.pop(0)
+                    response.end_of_segment = True
+                prompts.append(chunk)
+                progress[1] += len(chunk)
+                response.progress = (progress[1], progress[2])
+                prompt_responses.append(response)
+            counters.prompt_tokens += sum(len(p) for p in prompts)
+            tic = time.perf_counter()
+            self._prompt_batch.prompt(prompts)
+            counters.prompt_time += time.perf_counter() - tic
+            return prompt_responses, generation_responses
+
+    return _Types(BatchKV, RowKV, RowsGeneration, RowsPrompt, EagerGenerator)
 
 
 def _place(keys: mx.array, values: mx.array, first: int, end: int, source: Any,

@@ -110,6 +110,10 @@ class ColdKV:
         return cls(agent_id, ids, known, tail, tail_tokens, tuple(items))
 
 
+READERS = 2
+"""Worker threads that read and check one restore's files."""
+
+
 @attrs.frozen
 class LoadedKV:
     """The arrays ``load_cold`` made, in order, until ``failure`` (if a file failed)."""
@@ -122,25 +126,37 @@ class LoadedKV:
 async def load_cold(
     engine: Engine, directory: Path, layout: BlockLayout, block_size: int, cold: ColdKV
 ) -> LoadedKV:
-    """Read and check the files on a worker thread, then make arrays on the engine thread.
+    """Read and check the files on worker threads, then make arrays on the engine thread.
 
     Runs in the task of the turn that needs them (many at once), not in the storage actor.
     """
     items = cold.items
-    raw: list[bytes] = []
-    failure: StoreError | None = None
+    read: list[bytes | None] = [None] * len(items)
+    failures: dict[int, StoreError] = {}
 
-    def read_all() -> None:
-        nonlocal failure
-        for item in items:
-            assert item.file is not None
+    def read_every(first: int, stride: int) -> None:
+        for i in range(first, len(items), stride):
+            file = items[i].file
+            assert file is not None
+            if any(f < i for f in failures):
+                return  # an earlier file failed: the prefix ends there
             try:
-                raw.append(read_kv(directory, item.file))
+                read[i] = read_kv(directory, file)
             except StoreError as exc:
-                failure = exc
+                failures[i] = exc
                 return
 
-    await anyio.to_thread.run_sync(read_all)
+    # Checksumming is most of a read (SHA-256 ~1.2 GB/s here, the page cache ~2 GB/s) and
+    # both release the GIL: with two threads a 2K-token restore of the small model gave its
+    # first token in 183 ms, not 192 (medians of 12, alternating).
+    readers = min(READERS, len(items))
+    async with anyio.create_task_group() as group:
+        for first in range(readers):
+            group.start_soon(anyio.to_thread.run_sync, read_every, first, readers)
+    end = min(failures, default=len(items))
+    raw = [data for data in read[:end] if data is not None]
+    assert len(raw) == end
+    failure = failures.get(end)
     counts = [block_size if isinstance(i, Block) else len(i.tokens) for i in items]
     blocks: list[KVBlock] = []
     if raw:

@@ -1,0 +1,74 @@
+"""The batch adapter on the real tiny model: eager steps (a step returns the tokens it
+samples, the CPU's default) against mlx-lm's pipelined steps (which return the tokens
+they feed, a step later). Counted in steps, never timed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from troupe._records import Sampling
+from troupe.actors._mlx import Batch, LoadedModel, cache_tokens, make_sampler
+
+PROMPTS = [list(range(40, 40 + n)) for n in (23, 9, 31)]
+LATE = list(range(60, 77))  # joins while the others decode
+MAX_TOKENS = 12
+
+
+@attrs.define
+class Seen:
+    prompt: int
+    tokens: list[int] = attrs.field(factory=list)
+    first_step: int = 0
+    covered: int | None = None
+    """Tokens the finished sequence's cache covers."""
+
+
+def _run(model: LoadedModel, *, eager: bool) -> dict[int, Seen]:
+    batch = Batch(model, max_batch_size=4, prefill_step_size=8, eager=eager)
+    seen: dict[int, Seen] = {}
+
+    def insert(prompt: list[int]) -> None:
+        uid = batch.insert(prompt, [], None, make_sampler(Sampling(), 0), MAX_TOKENS)
+        seen[uid] = Seen(len(prompt))
+
+    for prompt in PROMPTS:
+        insert(prompt)
+    steps = 0
+    try:
+        while any(s.covered is None for s in seen.values()):
+            steps += 1
+            _, outputs = batch.step()
+            for out in outputs:
+                record = seen[out.uid]
+                record.tokens.append(out.token)
+                record.first_step = record.first_step or steps
+                if out.finish_reason is not None:
+                    assert out.cache is not None
+                    assert out.all_tokens is not None
+                    assert cache_tokens(out.cache) == len(out.all_tokens)
+                    record.covered = len(out.all_tokens)
+            if steps == 6:
+                insert(LATE)
+    finally:
+        batch.close()
+    return seen
+
+
+def test_eager_steps_give_the_same_replies_a_step_sooner(tiny_model: Path) -> None:
+    model = LoadedModel(tiny_model)
+    eager = _run(model, eager=True)
+    pipelined = _run(model, eager=False)
+    assert len(eager) == len(pipelined) == 4
+    assert len({s.first_step for s in eager.values()}) == 4  # each joined at its own step
+    for uid, record in eager.items():
+        other = pipelined[uid]
+        assert record.tokens == other.tokens
+        assert len(record.tokens) == MAX_TOKENS
+        # The first token comes out of the step that feeds the prompt's last token...
+        assert record.first_step == other.first_step - 1
+        # ...and the cache covers the reply but its last token, which no step fed (the
+        # next turn prefills it); mlx-lm's last step fed it and sampled one more.
+        assert record.covered == record.prompt + MAX_TOKENS - 1
+        assert other.covered == other.prompt + MAX_TOKENS

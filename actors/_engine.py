@@ -74,8 +74,9 @@ class CutKV:
 
 @attrs.frozen
 class PromptEvent:
-    """A turn's prompt is wholly in the cache: its new full blocks, cut then, so that
-    turns waiting for them start now rather than when this one ends."""
+    """A turn's prompt is wholly in the cache: its new full blocks and its partial last
+    one, cut then, so that turns waiting for them start now rather than when this one
+    ends."""
 
     key: int
     kv: CutKV
@@ -439,14 +440,15 @@ class Engine:
         if cache_tokens(cache) != len(tokens):
             return None  # never hand over KV whose tokens are not exactly known
         first = sequence.first_block
-        blocks, _ = cut_blocks(cache, first * spec.block_size, spec.block_size, tail=False)
-        if not blocks:
+        # The partial last block too: turns whose prompts go on alike borrow its start.
+        blocks, tail = cut_blocks(cache, first * spec.block_size, spec.block_size, tail=True)
+        if not blocks and tail is None:
             return None
         sequence.published = blocks
         sequence.published_views = [block_bytes(b) for b in blocks]
         self._batch.keep_from(sequence.uid, sequence.cut_from)
         return PromptEvent(spec.key, CutKV(tuple(tokens), first, blocks,
-                                           sequence.published_views, None, None))
+                                           sequence.published_views, tail, None))
 
     def _step(self) -> None:
         assert self._batch is not None

@@ -10,8 +10,11 @@ earlier ones).
 
 from __future__ import annotations
 
+import array
 import itertools
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 
@@ -54,6 +57,10 @@ class Lease:
     tail: Tail | None = None
 
 
+DONORS = 4
+"""Blocks remembered per parent as donors of a partial prefix (the latest ones)."""
+
+
 class BlockPool:
     """The blocks, tails and leases of one runtime, and the hot bytes they hold."""
 
@@ -67,6 +74,8 @@ class BlockPool:
         self.hot_bytes = 0
         self.evictions = 0
         self._clock = itertools.count(1)
+        self._donors: dict[bytes, list[tuple[weakref.ref[Any], bytes]]] = {}
+        """Per parent block id, blocks and tails that follow it, with their tokens."""
 
     def tick(self) -> int:
         return next(self._clock)
@@ -187,7 +196,41 @@ class BlockPool:
         if block.refs == 0 and self.blocks.get(block.block_id) is block:
             del self.blocks[block.block_id]
 
-    def touch(self, blocks: Iterable[Block], tail: Tail | None) -> None:
+    def offer(self, parent: bytes, kv: Block | Tail, tokens: Sequence[int]) -> None:
+        """Remember ``kv`` (a block or a tail that follows ``parent`` and holds ``tokens``)
+        as a donor: a prompt that goes on from ``parent`` as ``tokens`` start can take the
+        KV of those first tokens from it (a token's KV depends only on the tokens up to
+        it). Held weakly: a donor costs no memory once its owner lets it go."""
+        donors = self._donors.setdefault(parent, [])
+        if all(held() is not kv for held, _ in donors):
+            donors.insert(0, (weakref.ref(kv), array.array("I", tokens).tobytes()))
+            del donors[DONORS:]
+
+    def donor(self, parent: bytes, tokens: Sequence[int]) -> tuple[Block | Tail | None, int]:
+        """The block or tail in memory after ``parent`` that starts with the longest run
+        of ``tokens``, and how many tokens of it (0: none)."""
+        donors = self._donors.get(parent)
+        if not donors:
+            return None, 0
+        wanted = array.array("I", tokens).tobytes()
+        best: Block | Tail | None = None
+        most = 0
+        live = []
+        for held, packed in donors:
+            kv = held()
+            if kv is None or kv.data is None:
+                continue  # let go, evicted or dropped
+            live.append((held, packed))
+            shared = _shared_prefix(packed, wanted) // 4
+            if shared > most:
+                best, most = kv, shared
+        if live:
+            self._donors[parent] = live
+        else:
+            del self._donors[parent]
+        return best, most
+
+    def touch(self, blocks: Iterable[Block], tail: Tail | Block | None) -> None:
         now = self.tick()
         for block in blocks:
             block.used = now
@@ -229,3 +272,15 @@ class BlockPool:
                 self._forget_if_cold(item)
             else:
                 self.drop(item)
+
+
+def _shared_prefix(a: bytes, b: bytes) -> int:
+    """How many leading bytes ``a`` and ``b`` share (bisected with C-speed compares)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low

@@ -16,7 +16,7 @@ import fcntl
 import logging
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,6 +28,7 @@ from .._actor import Actor, Request
 from .._errors import StoreError
 from ..storage._asyncio_thread import AsyncioThread
 from ..storage._blocks import (
+    ROOT,
     KVFile,
     block_file_name,
     block_ids,
@@ -88,24 +89,24 @@ class Prefetch(Request[None]):
 @attrs.frozen
 class ColdKV:
     """What a checkout found only on disk, for the turn to load: the blocks ``known`` (a
-    run of the prompt's ``ids``) and the agent's ``tail``; ``items`` are those not in
-    memory, in order."""
+    run of the prompt's ``ids``) and the ``tail`` after them (the agent's, or a donor
+    block, always in memory); ``items`` are those not in memory, in order."""
 
     agent_id: str
     ids: tuple[bytes, ...]
     known: tuple[Block, ...] = attrs.field(repr=False)
-    tail: Tail | None = attrs.field(repr=False)
+    tail: Tail | Block | None = attrs.field(repr=False)
     tail_tokens: int
     items: tuple[Block | Tail, ...] = attrs.field(repr=False)
 
     @classmethod
     def of(
         cls, agent_id: str, ids: tuple[bytes, ...], known: tuple[Block, ...],
-        tail: Tail | None, tail_tokens: int,
+        tail: Tail | Block | None, tail_tokens: int,
     ) -> ColdKV:
         # Fixed now: another turn may load some of them before this one's Install.
         items: list[Block | Tail] = [b for b in known if b.data is None]
-        if tail is not None and tail.data is None:
+        if isinstance(tail, Tail) and tail.data is None:
             items.append(tail)
         return cls(agent_id, ids, known, tail, tail_tokens, tuple(items))
 
@@ -182,7 +183,9 @@ class Prefix:
     tokens: int
     cached: CachedPrefix | None
     pinned: tuple[Block, ...] = attrs.field(repr=False)
-    pinned_tail: Tail | None = attrs.field(repr=False)
+    pinned_tail: Tail | Block | None = attrs.field(repr=False)
+    """The partial KV after ``pinned``: the agent's tail, or a block whose first tokens
+    the prompt shares (a donor: another agent's)."""
     computing: Claim | None = None
     """Blocks this turn is the one to compute."""
     wait: anyio.Event | None = attrs.field(default=None, repr=False)
@@ -340,6 +343,9 @@ class Storage(Actor):
         self._computing: dict[bytes, anyio.Event] = {}
         # Blocks turns published, pinned until the turn's Commit, by agent (one turn each).
         self._published: dict[str, list[Block]] = {}
+        # The partial last block of a running turn's prompt, by agent, until its Commit:
+        # the pool holds donors weakly.
+        self._lent: dict[str, Tail] = {}
         # Block files written at a publish whose catalog rows are still to come: the first
         # commit that names the block records it (a crash leaves orphans, removed at open).
         self._staged: dict[bytes, KVFile] = {}
@@ -559,22 +565,28 @@ class Storage(Actor):
         if tail is not None and lease.chain == [b.block_id for b in known]:
             # The tail follows the chain it was cut with, and only that one.
             tail_tokens = _common_prefix(tail.tokens, prompt[start:limit])
-        if not tail_tokens:
-            tail = None
+        partial: Tail | Block | None = tail if tail_tokens else None
+        if partial is None:
+            # No tail of its own goes on: take the first tokens of a block or tail that
+            # follows the same blocks, if one starts as this prompt goes on (another
+            # agent's, whose prompt shared more than these blocks: a world prompt's end).
+            self._offer(ids, prompt, 0, known)
+            partial, tail_tokens = self.pool.donor(
+                known[-1].block_id if known else ROOT, prompt[start:limit])
         # Pinned until the turn's Commit: eviction must not take them meanwhile.
         for block in known:
             block.pins += 1
-        if tail is not None:
-            tail.pins += 1
-        cold = ColdKV.of(message.agent_id, tuple(ids), tuple(known), tail, tail_tokens)
+        if partial is not None:
+            partial.pins += 1
+        cold = ColdKV.of(message.agent_id, tuple(ids), tuple(known), partial, tail_tokens)
         if cold.items:
             # Loaded by the turn's own task (load_cold), so that restores of many agents
             # overlap instead of queueing here; handed back with Install.
-            return Prefix(0, None, tuple(known), tail, computing, cold=cold)
-        return self._finish(cold, list(known), tail, computing)
+            return Prefix(0, None, tuple(known), partial, computing, cold=cold)
+        return self._finish(cold, list(known), partial, computing)
 
     def _finish(
-        self, cold: ColdKV, matched: list[Block], tail: Tail | None,
+        self, cold: ColdKV, matched: list[Block], tail: Tail | Block | None,
         computing: Claim | None, *, turn: bool = True,
     ) -> Prefix:
         size, lease = self.block_size, self.pool.lease(cold.agent_id)
@@ -657,6 +669,14 @@ class Storage(Actor):
         chain = block_ids(self._hash_key, kv.tokens, self.block_size)
         blocks = [pool.add(chain[kv.first_block + j], kv.first_block + j, data)
                   for j, data in enumerate(kv.blocks)]
+        self._offer(chain, kv.tokens, kv.first_block, blocks)
+        if kv.tail is not None:
+            # The prompt's partial last block, lent (held until the turn's Commit) to the
+            # turns that wait for these blocks and whose prompts go on alike.
+            tail = Tail(kv.tokens[len(chain) * self.block_size :], kv.tail,
+                        block_nbytes(kv.tail))
+            self._lent[message.agent_id] = tail
+            pool.offer(chain[-1] if chain else ROOT, tail, tail.tokens)
         for block in blocks:
             block.pins += 1  # until the turn's Commit puts them in the agent's chain
         self._published.setdefault(message.agent_id, []).extend(blocks)
@@ -677,6 +697,16 @@ class Storage(Actor):
                 self._staged[block.block_id] = file
         pool.evict()
 
+    def _offer(
+        self, chain: list[bytes], tokens: Sequence[int], first: int, blocks: list[Block]
+    ) -> None:
+        """Offer ``blocks`` (chain positions ``first`` on) as donors of partial prefixes
+        (``BlockPool.offer``)."""
+        size = self.block_size
+        for i, block in enumerate(blocks, start=first):
+            self.pool.offer(chain[i - 1] if i else ROOT, block,
+                            tokens[i * size : (i + 1) * size])
+
     async def _commit(self, message: Commit) -> int:
         pool, size = self.pool, self.block_size
         self._computed(message.prefix.computing)  # committed below, or not at all
@@ -685,6 +715,7 @@ class Storage(Actor):
         if message.prefix.pinned_tail is not None:
             message.prefix.pinned_tail.pins -= 1
         published = self._published.pop(message.agent_id, [])
+        self._lent.pop(message.agent_id, None)
         for block in published:
             block.pins -= 1
         lease = pool.lease(message.agent_id)
@@ -694,12 +725,16 @@ class Storage(Actor):
         kv = message.kv
         if kv is not None:
             chain = block_ids(self._hash_key, kv.tokens, size)
+            added = []
             for j, (data, view) in enumerate(zip(kv.blocks, kv.views, strict=True)):
                 block = pool.add(chain[kv.first_block + j], kv.first_block + j, data)
                 views[block.block_id] = view
+                added.append(block)
+            self._offer(chain, kv.tokens, kv.first_block, added)
             tail = None
             if kv.tail is not None:
                 tail = Tail(kv.tokens[len(chain) * size :], kv.tail, block_nbytes(kv.tail))
+                pool.offer(chain[-1] if chain else ROOT, tail, tail.tokens)
             pool.set_tail(lease, tail)
             pool.set_chain(lease, chain)
             pool.touch([pool.blocks[b] for b in chain], tail)

@@ -100,6 +100,48 @@ async def test_agents_with_one_system_prompt_share_its_blocks(store: Path) -> No
     assert again.cached_tokens >= shared_blocks * 32 - 32
 
 
+async def test_a_prompt_that_shares_part_of_a_block_reuses_that_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The systems share WORLD and " You are ", then part ways inside a block of 32, in the
+    # part of the first prompt after its last full block.
+    systems = [f"{WORLD} You are villager {i}." for i in range(4)] + [
+        f"{WORLD} You are Alice.", f"{WORLD} You are Bob, the smith."]
+
+    async def run() -> list[troupe.Reply]:
+        async with troupe.open_runtime(model=TINY, block_size=32) as rt:
+            agents = [await rt.spawn(f"a{i}", system=s) for i, s in enumerate(systems)]
+            replies: dict[int, troupe.Reply] = {}
+
+            async def speak(i: int) -> None:
+                replies[i] = await agents[i].say("Hello", max_tokens=8)
+
+            # The villagers start at once: one prefills, the others wait for its blocks
+            # and borrow the start of its prompt's partial last block, published with them.
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(speak, i)
+            for i in range(4, len(agents)):  # then one at a time, from a finished turn's
+                await speak(i)
+            return [replies[i] for i in range(len(agents))]
+
+    borrowing = await run()
+    monkeypatch.setattr(troupe.actors._pool, "DONORS", 0)
+    whole_blocks = await run()
+    assert [r.tokens for r in borrowing] == [r.tokens for r in whole_blocks]
+    # Without donors a prompt reuses whole blocks only.
+    assert all(r.cached_tokens % 32 == 0 for r in whole_blocks)
+    # With them, also the first tokens of the next block (another agent's), up to where
+    # the prompts part: after "You are villager " for the villagers but the one that
+    # went first (which one trio runs first varies), after "You are " for Alice and Bob.
+    villagers = sorted(r.cached_tokens for r in borrowing[:4])
+    assert villagers[0] == 0
+    assert villagers[1] == villagers[2] == villagers[3]
+    assert borrowing[4].cached_tokens == borrowing[5].cached_tokens
+    assert villagers[1] - borrowing[4].cached_tokens == len("villager ")
+    assert borrowing[4].cached_tokens % 32 > 0
+
+
 async def test_two_hundred_agents_go_through_a_small_budget(store: Path) -> None:
     budget = 2_000_000
     async with troupe.open_runtime(model=TINY, store=store, kv_budget=budget,

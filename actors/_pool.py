@@ -1,7 +1,8 @@
 """The block pool: every KV block and tail in memory, their leases, pins and the budget.
 
 Owned by the storage actor and touched only from its task. Blocks are immutable and
-shared: an agent's lease is a chain of block ids plus a partial tail of its own. Turns pin
+shared: an agent's lease is a chain of block ids plus a partial tail of its own, and a
+block or tail also lends the KV of its first tokens to prompts that go on alike. Turns pin
 the blocks they run with; when the hot bytes pass the budget, unpinned KV is evicted
 (never that of an agent with a turn queued), least recently used first and, within one
 agent's chain, from its end backwards (a chain's later blocks are useless without its
@@ -11,6 +12,7 @@ earlier ones).
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -203,8 +205,20 @@ class BlockPool:
         it). Held weakly: a donor costs no memory once its owner lets it go."""
         donors = self._donors.setdefault(parent, [])
         if all(held() is not kv for held, _ in donors):
-            donors.insert(0, (weakref.ref(kv), array.array("I", tokens).tobytes()))
+            held = weakref.ref(kv, functools.partial(self._let_go, parent))
+            donors.insert(0, (held, array.array("I", tokens).tobytes()))
             del donors[DONORS:]
+        if not donors:
+            del self._donors[parent]
+
+    def _let_go(self, parent: bytes, held: weakref.ref[Any]) -> None:
+        # A donor's owner let it go: its entry goes too. Runs where the last reference
+        # went, the event loop's thread (blocks and tails live there, never the engine's).
+        donors = self._donors.get(parent)
+        if donors is not None:
+            donors[:] = [entry for entry in donors if entry[0] is not held]
+            if not donors:
+                del self._donors[parent]
 
     def donor(self, parent: bytes, tokens: Sequence[int]) -> tuple[Block | Tail | None, int]:
         """The block or tail in memory after ``parent`` that starts with the longest run

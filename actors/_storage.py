@@ -89,8 +89,9 @@ class Prefetch(Request[None]):
 @attrs.frozen
 class ColdKV:
     """What a checkout found only on disk, for the turn to load: the blocks ``known`` (a
-    run of the prompt's ``ids``) and the ``tail`` after them (the agent's, or a donor
-    block, always in memory); ``items`` are those not in memory, in order."""
+    run of the prompt's ``ids``) and the ``tail`` after them (the agent's own, or another
+    agent's block or tail it borrows from, which is in memory); ``items`` are those not in
+    memory, in order."""
 
     agent_id: str
     ids: tuple[bytes, ...]
@@ -184,8 +185,8 @@ class Prefix:
     cached: CachedPrefix | None
     pinned: tuple[Block, ...] = attrs.field(repr=False)
     pinned_tail: Tail | Block | None = attrs.field(repr=False)
-    """The partial KV after ``pinned``: the agent's tail, or a block whose first tokens
-    the prompt shares (a donor: another agent's)."""
+    """The partial KV after ``pinned``: the agent's tail, or another agent's block or
+    tail whose first tokens the prompt shares (``BlockPool.donor``)."""
     computing: Claim | None = None
     """Blocks this turn is the one to compute."""
     wait: anyio.Event | None = attrs.field(default=None, repr=False)

@@ -48,6 +48,7 @@ def _settled(rt: troupe.Runtime) -> None:
     assert all(lease.tail is None or lease.tail.pins == 0 for lease in pool.leases.values())
     assert storage._computing == {}
     assert storage._published == {}
+    assert storage._lent == {}
     assert storage._staged == {}
     assert pool.hot_bytes <= pool.budget
     assert pool.hot_bytes == sum(b.nbytes for b in pool.blocks.values() if b.data is not None) \

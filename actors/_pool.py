@@ -205,20 +205,13 @@ class BlockPool:
         it). Held weakly: a donor costs no memory once its owner lets it go."""
         donors = self._donors.setdefault(parent, [])
         if all(held() is not kv for held, _ in donors):
-            held = weakref.ref(kv, functools.partial(self._let_go, parent))
+            # The callback holds the index, not the pool: a pool in a cycle would keep its
+            # blocks' KV alive after the runtime closes, until the cyclic GC ran.
+            held = weakref.ref(kv, functools.partial(_let_go, self._donors, parent))
             donors.insert(0, (held, array.array("I", tokens).tobytes()))
             del donors[DONORS:]
         if not donors:
             del self._donors[parent]
-
-    def _let_go(self, parent: bytes, held: weakref.ref[Any]) -> None:
-        # A donor's owner let it go: its entry goes too. Runs where the last reference
-        # went, the event loop's thread (blocks and tails live there, never the engine's).
-        donors = self._donors.get(parent)
-        if donors is not None:
-            donors[:] = [entry for entry in donors if entry[0] is not held]
-            if not donors:
-                del self._donors[parent]
 
     def donor(self, parent: bytes, tokens: Sequence[int]) -> tuple[Block | Tail | None, int]:
         """The block or tail in memory after ``parent`` that starts with the longest run
@@ -286,6 +279,17 @@ class BlockPool:
                 self._forget_if_cold(item)
             else:
                 self.drop(item)
+
+
+def _let_go(index: dict[bytes, list[tuple[weakref.ref[Any], bytes]]], parent: bytes,
+            held: weakref.ref[Any]) -> None:
+    # A donor's owner let it go: its entry goes too. Runs where the last reference went,
+    # the event loop's thread (blocks and tails live there, never on the engine's).
+    donors = index.get(parent)
+    if donors is not None:
+        donors[:] = [entry for entry in donors if entry[0] is not held]
+        if not donors:
+            del index[parent]
 
 
 def _shared_prefix(a: bytes, b: bytes) -> int:

@@ -121,7 +121,7 @@ async def test_a_prompt_that_shares_part_of_a_block_reuses_that_part(
             async with trio.open_nursery() as nursery:
                 for i in range(4):
                     nursery.start_soon(speak, i)
-            for i in range(4, len(agents)):  # then one at a time, from a finished turn's
+            for i in range(4, len(agents)):  # then one at a time: from finished tails
                 await speak(i)
             return [replies[i] for i in range(len(agents))]
 

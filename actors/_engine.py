@@ -294,6 +294,10 @@ class Engine:
             if self._batch is not None:
                 self._batch.close()
             release_thread_resources()
+            # Let go of the weights even while something still holds the engine (a closed
+            # runtime's objects can wait in reference cycles for the cyclic GC).
+            self._batch = None
+            self._model = None
 
     def _serve(self) -> None:
         trimmed = True

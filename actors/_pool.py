@@ -237,6 +237,16 @@ class BlockPool:
             del self._donors[parent]
         return best, most
 
+    def let_go(self) -> None:
+        """Drop every block's and tail's KV from memory (the runtime closed: whatever still
+        holds the pool, say a reference cycle waiting for the GC, holds no KV)."""
+        for block in self.blocks.values():
+            block.data = None
+        for lease in self.leases.values():
+            if lease.tail is not None:
+                lease.tail.data = None
+        self.hot_bytes = 0
+
     def touch(self, blocks: Iterable[Block], tail: Tail | Block | None) -> None:
         now = self.tick()
         for block in blocks:

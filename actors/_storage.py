@@ -378,6 +378,8 @@ class Storage(Actor):
         return ids
 
     async def aclose(self) -> None:
+        self.pool.let_go()
+        self._lent.clear()
         if self._sqlite is not None:
             if self._catalog is not None:
                 await self._sqlite.run(self._catalog.close)

@@ -328,7 +328,8 @@ async def open_runtime(
     ``"embedded:tiny"``, or a local MLX model directory. ``store``: a directory for the
     SQLite catalog and KV files (agents come back when it is reopened), or None to keep
     everything in memory. Leaving the block cancels turns still in flight, persists
-    what was committed and joins every thread the runtime started.
+    what was committed, joins every thread the runtime started and lets go of the
+    model's weights and the KV in memory.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

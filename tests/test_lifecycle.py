@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from pathlib import Path
 
+import mlx.core as mx
 import trio
 
 import troupe
@@ -45,6 +47,26 @@ async def test_closing_cancels_turns_in_flight_and_joins_every_thread(store: Pat
     async with troupe.open_runtime(model=TINY, store=store) as rt:
         assert len((await rt.get("quiet")).transcript()) == 2
         assert (await rt.get("talker")).transcript() == ()
+
+
+async def test_closing_lets_go_of_the_weights_and_the_kv_at_once(store: Path) -> None:
+    # With the cyclic GC off, what a closed runtime frees is what no cycle holds.
+    gc.collect()
+    before = mx.get_active_memory()
+    gc.disable()
+    try:
+        async with troupe.open_runtime(model=TINY, store=store) as rt:
+            for i in range(4):
+                await (await rt.spawn(f"a{i}", system=f"You are agent {i}.")).say(
+                    "Hello", max_tokens=8)
+            held = mx.get_active_memory()
+            assert rt.statistics().kv_hot_bytes > 0
+        after = mx.get_active_memory()
+    finally:
+        gc.enable()
+    assert held - before > 8_000_000  # the tiny model's weights, and the agents' KV
+    assert after <= before
+    assert rt.statistics().kv_hot_bytes == 0
 
 
 async def test_a_cancelled_caller_cancels_its_turn_and_keeps_the_cache() -> None:

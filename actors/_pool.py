@@ -76,7 +76,7 @@ class BlockPool:
         self.hot_bytes = 0
         self.evictions = 0
         self._clock = itertools.count(1)
-        self._donors: dict[bytes, list[tuple[weakref.ref[Any], bytes]]] = {}
+        self._donors: dict[bytes, list[tuple[weakref.ref[Any], array.array[int]]]] = {}
         """Per parent block id, blocks and tails that follow it, with their tokens."""
 
     def tick(self) -> int:
@@ -208,7 +208,7 @@ class BlockPool:
             # The callback holds the index, not the pool: a pool in a cycle would keep its
             # blocks' KV alive after the runtime closes, until the cyclic GC ran.
             held = weakref.ref(kv, functools.partial(_let_go, self._donors, parent))
-            donors.insert(0, (held, array.array("I", tokens).tobytes()))
+            donors.insert(0, (held, array.array("I", tokens)))
             del donors[DONORS:]
         if not donors:
             del self._donors[parent]
@@ -219,16 +219,15 @@ class BlockPool:
         donors = self._donors.get(parent)
         if not donors:
             return None, 0
-        wanted = array.array("I", tokens).tobytes()
         best: Block | Tail | None = None
         most = 0
         live = []
-        for held, packed in donors:
+        for held, held_tokens in donors:
             kv = held()
             if kv is None or kv.data is None:
                 continue  # let go, evicted or dropped
-            live.append((held, packed))
-            shared = _shared_prefix(packed, wanted) // 4
+            live.append((held, held_tokens))
+            shared = common_prefix(held_tokens, tokens)
             if shared > most:
                 best, most = kv, shared
         if live:
@@ -291,7 +290,7 @@ class BlockPool:
                 self.drop(item)
 
 
-def _let_go(index: dict[bytes, list[tuple[weakref.ref[Any], bytes]]], parent: bytes,
+def _let_go(index: dict[bytes, list[tuple[weakref.ref[Any], array.array[int]]]], parent: bytes,
             held: weakref.ref[Any]) -> None:
     # A donor's owner let it go: its entry goes too. Runs where the last reference went,
     # the event loop's thread (blocks and tails live there, never on the engine's).
@@ -302,13 +301,10 @@ def _let_go(index: dict[bytes, list[tuple[weakref.ref[Any], bytes]]], parent: by
             del index[parent]
 
 
-def _shared_prefix(a: bytes, b: bytes) -> int:
-    """How many leading bytes ``a`` and ``b`` share (bisected with C-speed compares)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        middle = (low + high + 1) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle - 1
-    return low
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

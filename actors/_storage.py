@@ -41,7 +41,7 @@ from ..storage._catalog import AgentRecord, Catalog, TailRecord
 from ..storage._faults import store_error
 from ._engine import CachedPrefix, CutKV, Engine
 from ._mlx import BlockLayout, KVBlock, ModelInfo, block_bytes, block_nbytes
-from ._pool import Block, BlockPool, Lease, Tail
+from ._pool import Block, BlockPool, Lease, Tail, common_prefix
 
 logger = logging.getLogger("troupe")
 
@@ -567,13 +567,14 @@ class Storage(Actor):
         tail_tokens = 0
         if tail is not None and lease.chain == [b.block_id for b in known]:
             # The tail follows the chain it was cut with, and only that one.
-            tail_tokens = _common_prefix(tail.tokens, prompt[start:limit])
+            tail_tokens = common_prefix(tail.tokens, prompt[start:limit])
+        # The blocks matched become donors too (after a reopen the index starts empty).
+        self._offer(ids, prompt, 0, known)
         partial: Tail | Block | None = tail if tail_tokens else None
         if partial is None:
             # No tail of its own goes on: take the first tokens of a block or tail that
             # follows the same blocks, if one starts as this prompt goes on (another
             # agent's, whose prompt shared more than these blocks: a world prompt's end).
-            self._offer(ids, prompt, 0, known)
             partial, tail_tokens = self.pool.donor(
                 known[-1].block_id if known else ROOT, prompt[start:limit])
         # Pinned until the turn's Commit: eviction must not take them meanwhile.
@@ -835,11 +836,3 @@ class Storage(Actor):
         file = block.file = self._staged.pop(block.block_id)
         self.blocks_on_disk += 1
         return block.block_id, file
-
-
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

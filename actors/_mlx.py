@@ -366,17 +366,19 @@ class BlockLayout:
         """Rebuild a block from ``block_bytes`` output (engine thread): one copy per array."""
         dtype = getattr(mx, self.dtype)
         heads, dim = self.key_shape
-        itemsize = dtype.size
         shapes = [(1, heads, tokens, dim), (1, heads, tokens, self.value_dim)] * self.layers
-        sizes = [math.prod(shape) * itemsize for shape in shapes]
-        if sum(sizes) != len(data):
+        counts = [math.prod(shape) for shape in shapes]
+        if sum(counts) * dtype.size != len(data):
             raise ValueError(f"a block of {tokens} tokens cannot be {len(data)} bytes")
+        # Read as unsigned words of the dtype's width (numpy has no bfloat16) and viewed as
+        # the dtype: one copy into MLX. Bytes made into MLX's uint8 and viewed took two,
+        # and a 2K-token restore of the small model 37 ms here instead of 23.
+        words = np.frombuffer(data, dtype=f"u{dtype.size}")
         arrays = []
         offset = 0
-        for shape, size in zip(shapes, sizes, strict=True):
-            raw = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
-            arrays.append(mx.array(raw).view(dtype).reshape(shape))
-            offset += size
+        for shape, count in zip(shapes, counts, strict=True):
+            arrays.append(mx.array(words[offset : offset + count].reshape(shape)).view(dtype))
+            offset += count
         mx.eval(arrays)
         return [(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
 

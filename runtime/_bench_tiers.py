@@ -51,8 +51,11 @@ def _text(tokens: int, salt: str, chars_per_token: float) -> str:
 
 async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
     print(f"troupe bench ttft: model {model!r}, BLAS {BLAS.name}", file=out, flush=True)
+    # The hot and the restored turn send the same message, so they prefill as many new
+    # tokens (the reply's last token and the message): their difference is the restore.
+    again = "And then?"
     with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
-        rows: list[tuple[int, float, float, float]] = []
+        rows: list[tuple[int, float, float, float, int, int]] = []
         async with open_runtime(model=model, store=store) as rt:
             limit = rt.model.context_length
             sizes = [s for s in (1024, 2048, 4096) if s < limit] + (
@@ -63,18 +66,23 @@ async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
             for size in sizes:
                 agent = await rt.spawn(f"ctx{size}", system=_text(size, f"Agent {size}.", ratio))
                 cold = await first_token_seconds(agent, "What happened first?", 2)
-                hot = await first_token_seconds(agent, "And then?", 2)
-                agents[size] = (cold, hot, agent.statistics().cached_tokens)
+                before = agent.statistics().tokens_prefilled
+                hot = await first_token_seconds(agent, again, 2)
+                stats = agent.statistics()
+                agents[size] = (cold, hot, stats.cached_tokens, stats.tokens_prefilled - before)
         async with open_runtime(model=model, store=store) as rt:
             await (await rt.get("warmup")).say("warm up again", max_tokens=4)
-            for size, (cold, hot, tokens) in agents.items():
-                disk = await first_token_seconds(await rt.get(f"ctx{size}"), "And after that?", 2)
-                rows.append((tokens, cold, hot, disk))
+            for size, (cold, hot, tokens, hot_new) in agents.items():
+                agent = await rt.get(f"ctx{size}")
+                disk = await first_token_seconds(agent, again, 2)
+                rows.append((tokens, cold, hot, disk, hot_new,
+                             agent.statistics().tokens_prefilled))
             restores = rt.statistics().restores
-    for tokens, cold, hot, disk in rows:
+    for tokens, cold, hot, disk, hot_new, disk_new in rows:
         print(f"  {tokens:>5} tokens of context: cold {cold * 1e3:7.0f} ms, hot "
               f"{hot * 1e3:5.0f} ms ({cold / hot:5.1f}x), restored from disk "
-              f"{disk * 1e3:5.0f} ms ({cold / disk:5.1f}x)", file=out, flush=True)
+              f"{disk * 1e3:5.0f} ms ({cold / disk:5.1f}x); new tokens prefilled hot "
+              f"{hot_new}, restored {disk_new}", file=out, flush=True)
     print(f"  ({restores} blocks and tails restored from disk)", file=out, flush=True)
 
 

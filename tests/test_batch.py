@@ -5,11 +5,22 @@ they feed, a step later). Counted in steps, never timed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import attrs
+import mlx.core as mx
+import pytest
 
 from troupe._records import Sampling
-from troupe.actors._mlx import Batch, LoadedModel, cache_tokens, make_sampler
+from troupe.actors._mlx import (
+    Batch,
+    BlockLayout,
+    LoadedModel,
+    block_bytes,
+    block_nbytes,
+    cache_tokens,
+    make_sampler,
+)
 
 PROMPTS = [list(range(40, 40 + n)) for n in (23, 9, 31)]
 LATE = list(range(60, 77))  # joins while the others decode
@@ -72,3 +83,24 @@ def test_eager_steps_give_the_same_replies_a_step_sooner(tiny_model: Path) -> No
         # next turn prefills it); mlx-lm's last step fed it and sampled one more.
         assert record.covered == record.prompt + MAX_TOKENS - 1
         assert other.covered == other.prompt + MAX_TOKENS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_block_comes_back_from_its_bytes_bit_for_bit(dtype: str) -> None:
+    # What a restore does with a block file's bytes, for each dtype a model's KV may have.
+    kind = getattr(mx, dtype)
+    shape = (1, 2, 5, 3)
+    block = [(mx.random.normal(shape).astype(kind), mx.random.normal(shape).astype(kind) * 7)
+             for _ in range(3)]
+    mx.eval(block)
+    layout = BlockLayout((2, 3), 3, dtype, 3, block_nbytes(block) // 5)
+    data = b"".join(bytes(view) for view in block_bytes(block))
+    again = layout.from_bytes(data, 5)
+    assert len(again) == len(block)
+    for (keys, values), (keys2, values2) in zip(block, again, strict=True):
+        for a, b in ((keys, keys2), (values, values2)):
+            assert b.dtype == kind
+            assert b.shape == shape
+            assert bytes(memoryview(cast(Any, b))) == bytes(memoryview(cast(Any, a)))
+    with pytest.raises(ValueError, match="cannot be"):
+        layout.from_bytes(data[:-4], 5)

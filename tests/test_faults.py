@@ -194,13 +194,18 @@ async def test_damaged_cache_files_are_detected(store: Path) -> None:
     clean = {name: path.read_bytes() for name, path in files.items()}
     assert len(clean["a"]) == len(clean["d"]), "the swap below needs files of one length"
 
-    # Any of 32 random overwrites of one file is caught by the checksum.
+    # Any of 32 random overwrites of one file is caught by the checksum, and by the
+    # SHA-256 digest that files recorded by earlier commits carry.
     recorded = KVFile(files["a"].name, len(clean["a"]), payload_checksum([clean["a"]]))
-    assert read_kv(files["a"].parent, recorded) == clean["a"]
+    assert recorded.checksum.startswith("crc32:")
+    earlier = KVFile(files["a"].name, len(clean["a"]), hashlib.sha256(clean["a"]).hexdigest())
+    for record in (recorded, earlier):
+        assert read_kv(files["a"].parent, record) == clean["a"]
     for damaged in _corruptions(clean["a"], random.Random(7)):
         files["a"].write_bytes(damaged)
-        with pytest.raises(troupe.StoreError, match="damaged"):
-            read_kv(files["a"].parent, recorded)
+        for record in (recorded, earlier):
+            with pytest.raises(troupe.StoreError, match="damaged"):
+                read_kv(files["a"].parent, record)
 
     # End to end: overwritten in the middle, zeroed, an inf in a tensor, another agent's
     # file of the same length. Each costs a prefill, and the reply is what it should be.

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -25,7 +26,7 @@ import trio.lowlevel
 
 from .._errors import EngineError, RuntimeClosedError
 from .._records import Sampling
-from ._heap import trim_heap
+from ._heap import trim_heap, trim_heap_above
 from ._mlx import (
     Batch,
     KVBlock,
@@ -176,15 +177,22 @@ _STOP = object()
 IDLE_TRIM_SECONDS = 1.0
 """How long the engine waits with nothing to do before it hands the heap's free pages
 back to the OS (see _heap.py)."""
+BUSY_TRIM_SECONDS = 0.5
+"""How often a busy engine looks at how much the heap holds free."""
+BUSY_TRIM_FLOOR = 32 << 20
+"""The least free heap a busy engine trims at (open_runtime: half the KV budget)."""
 
 
 class Engine:
     """The engine thread and its command queue."""
 
     def __init__(
-        self, model_source: Callable[[], Path], *, max_batch_size: int, prefill_step_size: int
+        self, model_source: Callable[[], Path], *, max_batch_size: int, prefill_step_size: int,
+        trim_above: int | None = None,
     ) -> None:
         self._model_source = model_source
+        self._trim_above = trim_above
+        """Free heap bytes past which a busy engine trims (None: only when idle)."""
         self._max_batch_size = max_batch_size
         self._prefill_step_size = prefill_step_size
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -301,6 +309,7 @@ class Engine:
 
     def _serve(self) -> None:
         trimmed = True
+        look_at = 0.0
         while True:
             # Idle: sleep until a command comes, handing the heap's free pages back to the
             # OS if none comes for a while. Busy: take what is queued, then step.
@@ -326,6 +335,9 @@ class Engine:
             if self._sequences:
                 self._step()
                 trimmed = False
+                if self._trim_above is not None and time.monotonic() >= look_at:
+                    look_at = time.monotonic() + BUSY_TRIM_SECONDS
+                    trim_heap_above(self._trim_above)
 
     def _refuse(self, command: Any, error: EngineError | None) -> None:
         if isinstance(command, SequenceSpec):

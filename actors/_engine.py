@@ -180,7 +180,7 @@ back to the OS (see _heap.py)."""
 BUSY_TRIM_SECONDS = 0.5
 """How often a busy engine looks at how much the heap holds free."""
 BUSY_TRIM_FLOOR = 32 << 20
-"""The least free heap a busy engine trims at (open_runtime: half the KV budget)."""
+"""The least free heap a busy engine trims at (open_runtime: the KV budget)."""
 
 
 class Engine:

@@ -148,9 +148,9 @@ async def load_cold(
                 failures[i] = exc
                 return
 
-    # Checksumming is most of a read (SHA-256 ~1.2 GB/s here, the page cache ~2 GB/s) and
-    # both release the GIL: with two threads a 2K-token restore of the small model gave its
-    # first token in 183 ms, not 192 (medians of 12, alternating).
+    # Copying from the page cache into fresh memory and checksumming both release the GIL:
+    # with two threads a 2K-token restore of the small model gave its first token in 183 ms,
+    # not 192 (medians of 12, alternating; when files were checked with SHA-256).
     readers = min(READERS, len(items))
     async with anyio.create_task_group() as group:
         for first in range(readers):

@@ -350,12 +350,13 @@ async def open_runtime(
         raise ValueError(f"block_size must be in [16, 4096], got {block_size}")
     source = _model_source(model)
     root = _store_root(store)
-    # The heap may keep up to half the KV budget free while the batch runs (its pages are
+    # While the batch runs, the heap may hold as much free as the KV budget (its pages are
     # reused); past that the engine hands pages back. In `troupe bench scale` (64 MB budget)
-    # this took the peak RSS from 437 MB to 396 MB and its time from 70.2 s to 72.7 s
-    # (medians of six and four runs).
+    # the peak RSS went from 436-441 MB to 411-416 MB (two runs each, alternating); past
+    # half the budget, to 390-414 MB, but a crowd round of 64 agents (512 MB budget) took
+    # ~6% longer (medians), trimming 19-86 times a run.
     engine = Engine(source, max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
-                    trim_above=max(BUSY_TRIM_FLOOR, budget // 2))
+                    trim_above=max(BUSY_TRIM_FLOOR, budget))
     single: BaseException | None = None
     try:
         async with anyio.create_task_group() as task_group:

@@ -39,7 +39,7 @@ FRAGMENT = textwrap.dedent("""
         libc.free(pointer)
     figures["freed"] = resident()
     figures["free"] = heap_free_bytes()
-    # A busy engine trims only past a threshold (half the KV budget).
+    # A busy engine trims only past a threshold (the KV budget).
     figures["trimmed_above_free"] = trim_heap_above(figures["free"] + MiB)
     figures["kept"] = resident()
     figures["trimmed_at_all"] = trim_heap_above(64 * MiB)

@@ -1,6 +1,7 @@
-"""The batch adapter on the real tiny model: eager steps (a step returns the tokens it
+"""The MLX adapter: on the real tiny model, eager steps (a step returns the tokens it
 samples, the CPU's default) against mlx-lm's pipelined steps (which return the tokens
-they feed, a step later). Counted in steps, never timed."""
+they feed, a step later), counted in steps, never timed; and blocks made back from the
+bytes a store keeps."""
 
 from __future__ import annotations
 

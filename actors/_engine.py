@@ -335,8 +335,9 @@ class Engine:
             if self._sequences:
                 self._step()
                 trimmed = False
-                if self._trim_above is not None and time.monotonic() >= look_at:
-                    look_at = time.monotonic() + BUSY_TRIM_SECONDS
+                now = time.monotonic()
+                if self._trim_above is not None and now >= look_at:
+                    look_at = now + BUSY_TRIM_SECONDS
                     trim_heap_above(self._trim_above)
 
     def _refuse(self, command: Any, error: EngineError | None) -> None:

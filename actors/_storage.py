@@ -670,17 +670,11 @@ class Storage(Actor):
 
     async def _publish(self, message: Publish) -> None:
         pool, kv = self.pool, message.kv
-        chain = block_ids(self._hash_key, kv.tokens, self.block_size)
-        blocks = [pool.add(chain[kv.first_block + j], kv.first_block + j, data)
-                  for j, data in enumerate(kv.blocks)]
-        self._offer(chain, kv.tokens, kv.first_block, blocks)
-        if kv.tail is not None:
+        _, blocks, tail = self._take_cut(kv)
+        if tail is not None:
             # The prompt's partial last block, lent (held until the turn's Commit) to the
             # turns that wait for these blocks and whose prompts go on alike.
-            tail = Tail(kv.tokens[len(chain) * self.block_size :], kv.tail,
-                        block_nbytes(kv.tail))
             self._lent[message.agent_id] = tail
-            pool.offer(chain[-1] if chain else ROOT, tail, tail.tokens)
         for block in blocks:
             block.pins += 1  # until the turn's Commit puts them in the agent's chain
         self._published.setdefault(message.agent_id, []).extend(blocks)
@@ -701,6 +695,20 @@ class Storage(Actor):
                 self._staged[block.block_id] = file
         pool.evict()
 
+    def _take_cut(self, kv: CutKV) -> tuple[list[bytes], list[Block], Tail | None]:
+        """Put cut KV in the pool, its blocks and tail offered as donors: the tokens'
+        chain of block ids, the blocks added, and the tail (not yet anyone's)."""
+        chain = block_ids(self._hash_key, kv.tokens, self.block_size)
+        blocks = [self.pool.add(chain[kv.first_block + j], kv.first_block + j, data)
+                  for j, data in enumerate(kv.blocks)]
+        self._offer(chain, kv.tokens, kv.first_block, blocks)
+        tail = None
+        if kv.tail is not None:
+            tail = Tail(kv.tokens[len(chain) * self.block_size :], kv.tail,
+                        block_nbytes(kv.tail))
+            self.pool.offer(chain[-1] if chain else ROOT, tail, tail.tokens)
+        return chain, blocks, tail
+
     def _offer(
         self, chain: list[bytes], tokens: Sequence[int], first: int, blocks: list[Block]
     ) -> None:
@@ -712,7 +720,7 @@ class Storage(Actor):
                             tokens[i * size : (i + 1) * size])
 
     async def _commit(self, message: Commit) -> int:
-        pool, size = self.pool, self.block_size
+        pool = self.pool
         self._computed(message.prefix.computing)  # committed below, or not at all
         for block in message.prefix.pinned:
             block.pins -= 1
@@ -728,17 +736,9 @@ class Storage(Actor):
         views: dict[bytes, list[memoryview]] = {}
         kv = message.kv
         if kv is not None:
-            chain = block_ids(self._hash_key, kv.tokens, size)
-            added = []
-            for j, (data, view) in enumerate(zip(kv.blocks, kv.views, strict=True)):
-                block = pool.add(chain[kv.first_block + j], kv.first_block + j, data)
-                views[block.block_id] = view
-                added.append(block)
-            self._offer(chain, kv.tokens, kv.first_block, added)
-            tail = None
-            if kv.tail is not None:
-                tail = Tail(kv.tokens[len(chain) * size :], kv.tail, block_nbytes(kv.tail))
-                pool.offer(chain[-1] if chain else ROOT, tail, tail.tokens)
+            chain, added, tail = self._take_cut(kv)
+            views = {block.block_id: view
+                     for block, view in zip(added, kv.views, strict=True)}
             pool.set_tail(lease, tail)
             pool.set_chain(lease, chain)
             pool.touch([pool.blocks[b] for b in chain], tail)

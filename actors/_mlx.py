@@ -473,7 +473,9 @@ def _cache_types() -> _Types:
         the batch's (``live`` is the length of ``offset``) and the rows after them are free;
         columns ``[start, start + _idx)`` hold what mlx-lm's cache would (``_idx``,
         ``offset`` and ``left_padding`` keep their meaning), and the columns before
-        ``start`` are padding every row shared, dropped without a copy."""
+        ``start`` are padding every row shared, dropped without a copy. The buffer is
+        replaced only when its columns run out: a window that reaches the end moves back
+        to column 0 in place, and a group of longer rows takes back dropped columns."""
 
         keys: Any
         values: Any
@@ -503,6 +505,7 @@ def _cache_types() -> _Types:
                     at += n
             cache.offset += longest
             cache._idx = longest
+            _settle(cache.keys, cache.values)
             return cache
 
         @property
@@ -517,6 +520,11 @@ def _cache_types() -> _Types:
             if self.keys is None:
                 return super().update_and_fetch(keys, values)
             live, n = keys.shape[0], keys.shape[2]
+            if (self.start + self._idx + n > self.keys.shape[2]
+                    and self._idx + n + self.step // 4 <= self.keys.shape[2]):
+                # Out of room at the end but not at the front (dropped padding): the window
+                # moves back to column 0 in place, rather than into a new buffer.
+                self._rebase()
             if self.start + self._idx + n > self.keys.shape[2]:
                 # Out of room: a new buffer, grown by whole steps as mlx-lm does.
                 grow = -(-n // self.step) * self.step
@@ -525,6 +533,7 @@ def _cache_types() -> _Types:
                 window = self._window(slice(0, rows))
                 self.keys, self.values = mx.pad(window[0], pad), mx.pad(window[1], pad)
                 self.start = 0
+                _settle(self.keys, self.values)
             at = self.start + self._idx
             self.offset = self.offset + n
             self._idx += n
@@ -534,6 +543,18 @@ def _cache_types() -> _Types:
 
         def keys_and_values(self) -> Any:
             return self._window(slice(0, self.live))
+
+        def _rebase(self) -> None:
+            """Move the live rows' window to column 0, in place: copied out, then back."""
+            live = self.live
+            moved = [mx.contiguous(a) for a in self._window(slice(0, live))]
+            mx.eval(moved)
+            self.keys[:live, :, : self._idx] = moved[0]
+            self.values[:live, :, : self._idx] = moved[1]
+            self.start = 0
+            # Now, so this layer's copy is freed (for the next layer's to reuse) before the
+            # next layer's is made.
+            _settle(self.keys, self.values)
 
         def filter(self, batch_indices: list[int]) -> None:
             keep = list(batch_indices)
@@ -546,6 +567,7 @@ def _cache_types() -> _Types:
                 rows = mx.array(keep)
                 self.keys = self.keys[rows]
                 self.values = self.values[rows]
+                _settle(self.keys, self.values)
             elif moves:
                 # Copy the rows that move out first, so nothing else reads the buffer and
                 # MLX updates it in place (the moved rows copied, not the batch gathered);
@@ -570,6 +592,13 @@ def _cache_types() -> _Types:
                 super().extend(other)
                 return
             live, joining = self.live, other.live
+            wider = other._idx - self._idx
+            if live + joining <= self.keys.shape[0] and 0 < wider <= self.start:
+                # The group's rows are longer: the window takes back columns of the padding
+                # it dropped (padding again for the rows here; their old values are finite).
+                self.start -= wider
+                self._idx += wider
+                self.left_padding = self.left_padding + wider
             if live + joining <= self.keys.shape[0] and other._idx <= self._idx:
                 # The group fits in the free rows, right-aligned like the rest: only its
                 # rows are copied, not the whole batch.
@@ -596,6 +625,7 @@ def _cache_types() -> _Types:
                 skip = max(0, cache._idx - end)  # columns of the shared padding, left out
                 _place(keys, values, first, end, cache, skip)
                 paddings.append(cache.left_padding + end - cache._idx)
+            _settle(keys, values)
             self.keys, self.values, self.start = keys, values, 0
             self.offset = mx.concatenate([self.offset, other.offset])
             self.left_padding = mx.concatenate(paddings)
@@ -868,6 +898,12 @@ def _place(keys: mx.array, values: mx.array, first: int, end: int, source: Any,
     columns = slice(end - source._idx + skip, end)
     keys[rows, :, columns] = source_keys[..., skip:, :]
     values[rows, :, columns] = source_values[..., skip:, :]
+
+
+def _settle(keys: mx.array, values: mx.array) -> None:
+    """Evaluate a layer's new buffer now, so the one it replaces is freed before the next
+    layer's is made (lazily, every layer's new buffer came to exist beside its old one)."""
+    mx.eval(keys, values)
 
 
 def _zeros(layout: BlockLayout, rows: int, capacity: int) -> tuple[mx.array, mx.array]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any, NamedTuple, cast
 
 import attrs
 import mlx.core as mx
-import numpy as np
 
 from .._errors import ModelLoadError
 from .._records import GREEDY_BELOW, Sampling
@@ -362,31 +360,23 @@ class BlockLayout:
         return cls((heads, dim), int(first.values.shape[3]), str(first.keys.dtype).split(".")[-1],
                    len(cache), int(per_token))
 
-    def from_bytes(self, data: bytes | memoryview, tokens: int) -> KVBlock:
-        """Rebuild a block from ``block_bytes`` output (engine thread): one copy per array."""
+    def empty(self, tokens: int) -> KVBlock:
+        """A block of ``tokens`` tokens, evaluated and zeroed, to be filled in place through
+        ``block_bytes`` (engine thread; the filling may happen on any thread, before the
+        block is used)."""
         dtype = getattr(mx, self.dtype)
         heads, dim = self.key_shape
-        shapes = [(1, heads, tokens, dim), (1, heads, tokens, self.value_dim)] * self.layers
-        counts = [math.prod(shape) for shape in shapes]
-        if sum(counts) * dtype.size != len(data):
-            raise ValueError(f"a block of {tokens} tokens cannot be {len(data)} bytes")
-        # Read as unsigned words of the dtype's width (numpy has no bfloat16), then viewed
-        # as the dtype: one copy into MLX. Made into MLX's uint8 first, they took two (the
-        # arrays of a 2K-token restore of the small model: 37 ms here, not 23).
-        words = np.frombuffer(data, dtype=f"u{dtype.size}")
-        arrays = []
-        offset = 0
-        for shape, count in zip(shapes, counts, strict=True):
-            arrays.append(mx.array(words[offset : offset + count].reshape(shape)).view(dtype))
-            offset += count
-        mx.eval(arrays)
-        return [(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
+        block = [(mx.zeros((1, heads, tokens, dim), dtype),
+                  mx.zeros((1, heads, tokens, self.value_dim), dtype))
+                 for _ in range(self.layers)]
+        mx.eval(block)
+        return block
 
 
 def block_bytes(block: KVBlock) -> list[memoryview]:
-    """The block's bytes, layer by layer, keys then values (zero-copy views).
+    """The block's bytes, layer by layer, keys then values (zero-copy, writable views).
 
-    Made on the engine thread; the views may then be read on any thread.
+    Made on the engine thread; the views may then be used on any thread.
     """
     return [memoryview(cast(Any, a)).cast("B") for pair in block for a in pair]
 

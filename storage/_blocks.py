@@ -3,7 +3,8 @@
 A full block of ``block_size`` tokens is identified, as in vLLM, by a hash chained over
 (model identity, the parent block's id, the block's tokens): the same tokens at the same
 position under the same model are the same block, whoever computed them. Nothing here
-touches MLX: files are written and read as bytes on worker threads.
+touches MLX: files are written from and read into the arrays'
+memory, through views the engine thread made, on worker threads.
 """
 
 from __future__ import annotations
@@ -81,12 +82,17 @@ def payload_checksum(parts: Sequence[memoryview | bytes]) -> str:
     return f"{CRC32}{crc:08x}"
 
 
-def checksum_matches(data: bytes, recorded: str) -> bool:
-    """Whether ``data`` has the checksum the catalog recorded for it."""
+def checksum_matches(data: bytes | Sequence[memoryview], recorded: str) -> bool:
+    """Whether ``data`` (bytes, or parts in file order) has the checksum the catalog
+    recorded for it."""
+    parts = [data] if isinstance(data, bytes) else data
     if recorded.startswith(CRC32):
-        return payload_checksum([data]) == recorded
+        return payload_checksum(parts) == recorded
     # Files recorded by earlier commits of this schema carry SHA-256 hex digests.
-    return hashlib.sha256(data).hexdigest() == recorded
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest() == recorded
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -127,6 +133,34 @@ def copy_kv(directory: Path, record: KVFile, name: str) -> KVFile:
     """A durable copy of a checked file under a new name; StoreError if either fails."""
     data = read_kv(directory, record)
     return write_kv(directory, name, [memoryview(data)])
+
+
+def read_kv_into(directory: Path, record: KVFile, parts: Sequence[memoryview]) -> None:
+    """Fill ``parts`` (writable, in file order) with a file's bytes, checked against the
+    catalog's record; StoreError if the file is not whole or not the size of ``parts``.
+
+    Reading straight into the memory the caller keeps copies each byte once (into bytes
+    first, a restore copied them twice and faulted in twice the fresh pages).
+    """
+    path = directory / record.name
+    expected = sum(part.nbytes for part in parts)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != record.nbytes or size != expected:
+                raise StoreError(f"KV file {path} is damaged (size {size}, recorded "
+                                 f"{record.nbytes}, expected {expected})")
+            for part in parts:
+                filled = 0
+                while filled < part.nbytes:
+                    n = f.readinto(part[filled:])
+                    if not n:
+                        raise StoreError(f"KV file {path} is damaged (shorter than its size)")
+                    filled += n
+    except OSError as exc:
+        raise StoreError(f"unreadable KV file {path}: {exc}") from exc
+    if not checksum_matches(parts, record.checksum):
+        raise StoreError(f"KV file {path} is damaged (size or checksum mismatch)")
 
 
 def read_kv(directory: Path, record: KVFile) -> bytes:

@@ -12,6 +12,7 @@ import attrs
 import mlx.core as mx
 import pytest
 
+from troupe._errors import StoreError
 from troupe._records import Sampling
 from troupe.actors._mlx import (
     Batch,
@@ -22,6 +23,7 @@ from troupe.actors._mlx import (
     cache_tokens,
     make_sampler,
 )
+from troupe.storage._blocks import read_kv_into, write_kv
 
 PROMPTS = [list(range(40, 40 + n)) for n in (23, 9, 31)]
 LATE = list(range(60, 77))  # joins while the others decode
@@ -87,21 +89,24 @@ def test_eager_steps_give_the_same_replies_a_step_sooner(tiny_model: Path) -> No
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_a_block_comes_back_from_its_bytes_bit_for_bit(dtype: str) -> None:
-    # What a restore does with a block file's bytes, for each dtype a model's KV may have.
+def test_a_block_comes_back_from_its_file_bit_for_bit(dtype: str, tmp_path: Path) -> None:
+    # What a store and a restore do with a block, for each dtype a model's KV may have:
+    # written as its bytes, read back into an empty block's arrays.
     kind = getattr(mx, dtype)
     shape = (1, 2, 5, 3)
     block = [(mx.random.normal(shape).astype(kind), mx.random.normal(shape).astype(kind) * 7)
              for _ in range(3)]
     mx.eval(block)
     layout = BlockLayout((2, 3), 3, dtype, 3, block_nbytes(block) // 5)
-    data = b"".join(bytes(view) for view in block_bytes(block))
-    again = layout.from_bytes(data, 5)
+    record = write_kv(tmp_path, "block.kvb", block_bytes(block))
+    again = layout.empty(5)
+    read_kv_into(tmp_path, record, block_bytes(again))
     assert len(again) == len(block)
     for (keys, values), (keys2, values2) in zip(block, again, strict=True):
         for a, b in ((keys, keys2), (values, values2)):
             assert b.dtype == kind
             assert b.shape == shape
             assert bytes(memoryview(cast(Any, b))) == bytes(memoryview(cast(Any, a)))
-    with pytest.raises(ValueError, match="cannot be"):
-        layout.from_bytes(data[:-4], 5)
+    # A file that is not the size of the block it should fill is refused before reading.
+    with pytest.raises(StoreError, match="damaged"):
+        read_kv_into(tmp_path, record, block_bytes(layout.empty(4)))

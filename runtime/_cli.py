@@ -142,8 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="scale: turns each agent takes (default 2)")
     bench.add_argument("--budget", type=_budget, default="64MB",
                        help="scale: the KV memory budget (default 64MB)")
-    bench.add_argument("--batch", type=_int_in(1, 256), default=16,
-                       help="scale: max_batch_size (default 16)")
+    bench.add_argument("--batch", type=_int_in(1, 256), default=8,
+                       help="scale: max_batch_size (default 8)")
     bench.add_argument("--quick", action="store_true",
                        help="peer, overhead: a small size that runs in about a minute")
     bench.add_argument("--only", default=None, metavar="NAMES",

@@ -3,8 +3,8 @@
 A full block of ``block_size`` tokens is identified, as in vLLM, by a hash chained over
 (model identity, the parent block's id, the block's tokens): the same tokens at the same
 position under the same model are the same block, whoever computed them. Nothing here
-touches MLX: files are written from and read into the arrays'
-memory, through views the engine thread made, on worker threads.
+touches MLX: files are written from and read into the arrays' memory, through views the
+engine thread made, on worker threads.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def read_kv_into(directory: Path, record: KVFile, parts: Sequence[memoryview]) -
     except OSError as exc:
         raise StoreError(f"unreadable KV file {path}: {exc}") from exc
     if not checksum_matches(parts, record.checksum):
-        raise StoreError(f"KV file {path} is damaged (size or checksum mismatch)")
+        raise StoreError(f"KV file {path} is damaged (checksum mismatch)")
 
 
 def read_kv(directory: Path, record: KVFile) -> bytes:

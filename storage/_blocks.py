@@ -82,10 +82,9 @@ def payload_checksum(parts: Sequence[memoryview | bytes]) -> str:
     return f"{CRC32}{crc:08x}"
 
 
-def checksum_matches(data: bytes | Sequence[memoryview], recorded: str) -> bool:
-    """Whether ``data`` (bytes, or parts in file order) has the checksum the catalog
-    recorded for it."""
-    parts = [data] if isinstance(data, bytes) else data
+def checksum_matches(parts: Sequence[memoryview | bytes], recorded: str) -> bool:
+    """Whether ``parts`` (a file's bytes, in order) have the checksum the catalog recorded
+    for them."""
     if recorded.startswith(CRC32):
         return payload_checksum(parts) == recorded
     # Files recorded by earlier commits of this schema carry SHA-256 hex digests.
@@ -163,13 +162,8 @@ def read_kv_into(directory: Path, record: KVFile, parts: Sequence[memoryview]) -
         raise StoreError(f"KV file {path} is damaged (checksum mismatch)")
 
 
-def read_kv(directory: Path, record: KVFile) -> bytes:
+def read_kv(directory: Path, record: KVFile) -> bytearray:
     """A file's bytes, checked against the catalog's record; StoreError if not whole."""
-    path = directory / record.name
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise StoreError(f"unreadable KV file {path}: {exc}") from exc
-    if len(data) != record.nbytes or not checksum_matches(data, record.checksum):
-        raise StoreError(f"KV file {path} is damaged (size or checksum mismatch)")
+    data = bytearray(record.nbytes)
+    read_kv_into(directory, record, [memoryview(data)])
     return data

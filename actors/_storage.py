@@ -13,12 +13,13 @@ disk already; without one, the next turn prefills it again.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
-import re
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -27,18 +28,18 @@ import attrs
 from .._actor import Actor, Request
 from .._errors import StoreError
 from ..storage._asyncio_thread import AsyncioThread
-from ..storage._blocks import (
-    ROOT,
-    KVFile,
-    block_file_name,
-    block_ids,
-    copy_kv,
-    read_kv_into,
-    tail_file_name,
-    write_kv,
-)
+from ..storage._blocks import DEFAULT_BLOCK_SIZE, ROOT, KVFile, block_ids
 from ..storage._catalog import AgentRecord, Catalog, TailRecord
 from ..storage._faults import store_error
+from ..storage._kvdir import (
+    GENERATION_SHIFT,
+    Entry,
+    KVDir,
+    KVFiles,
+    block_file_name,
+    garbage,
+    tail_file_name,
+)
 from ._engine import CachedPrefix, CutKV, Engine
 from ._mlx import BlockLayout, KVBlock, ModelInfo, block_bytes, block_nbytes
 from ._pool import Block, BlockPool, Lease, Tail, common_prefix
@@ -118,25 +119,27 @@ READERS = 2
 
 @attrs.frozen
 class LoadedKV:
-    """The arrays ``load_cold`` made, in order, until ``failure`` (if a file failed)."""
+    """The arrays ``load_cold`` made, in order, until the first file that failed; and
+    every file that failed, by its index in ``ColdKV.items``."""
 
     blocks: list[KVBlock] = attrs.field(repr=False)
     sizes: list[int]
-    failure: StoreError | None
+    failures: dict[int, StoreError]
 
 
-async def load_cold(
-    engine: Engine, directory: Path, layout: BlockLayout, block_size: int, cold: ColdKV
-) -> LoadedKV:
+async def load_cold(engine: Engine, kv: KVDir, layout: BlockLayout, block_size: int,
+                    cold: ColdKV) -> LoadedKV:
     """Make the blocks' arrays on the engine thread, then read and check the files
     straight into them on worker threads.
 
     Runs in the task of the turn that needs them (many at once), not in the storage actor.
+    Once a file fails, the prefix ends there, but the files after it are still checked:
+    the turn prefills from the first bad one, and must write again every one that is bad.
     """
     items = cold.items
     counts = [block_size if isinstance(i, Block) else len(i.tokens) for i in items]
     if not items:
-        return LoadedKV([], [], None)
+        return LoadedKV([], [], {})
     made = await engine.run(lambda: [(b, block_bytes(b)) for b in map(layout.empty, counts)])
     failures: dict[int, StoreError] = {}
 
@@ -144,13 +147,10 @@ async def load_cold(
         for i in range(first, len(items), stride):
             file = items[i].file
             assert file is not None
-            if any(f < i for f in failures):
-                return  # an earlier file failed: the prefix ends there
             try:
-                read_kv_into(directory, file, made[i][1])
+                kv.read_into(file, made[i][1])
             except StoreError as exc:
                 failures[i] = exc
-                return
 
     # Copying from the page cache and checksumming both release the GIL: two threads.
     readers = min(READERS, len(items))
@@ -159,7 +159,7 @@ async def load_cold(
             group.start_soon(anyio.to_thread.run_sync, read_every, first, readers)
     end = min(failures, default=len(items))
     sizes = [sum(part.nbytes for part in parts) for _, parts in made[:end]]
-    return LoadedKV([block for block, _ in made[:end]], sizes, failures.get(end))
+    return LoadedKV([block for block, _ in made[:end]], sizes, failures)
 
 
 @attrs.frozen(eq=False)
@@ -242,56 +242,56 @@ class Commit(Request[int]):
     kv: CutKV | None
 
 
-def _prepare_store(root: Path) -> IO[bytes]:
+class StoreLock:
+    """A store held by one runtime: an exclusive flock on the store's directory itself
+    (a lock file can be deleted, and a second process would lock a new one), and on its
+    ``lock`` file, which troupes before 0.2 lock."""
+
+    def __init__(self, root: Path) -> None:
+        self._fds: list[int] = []
+        try:
+            for path, flags in ((root, os.O_RDONLY | os.O_DIRECTORY),
+                                (root / "lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
+                self._fds.append(os.open(path, flags | os.O_CLOEXEC, 0o644))
+                try:
+                    fcntl.flock(self._fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as exc:
+                    raise StoreError(f"store {root} is in use by another runtime") from exc
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())  # releases its flock
+
+
+def _prepare_store(root: Path) -> StoreLock:
     """Make the store's folders and take its lock: two runtimes on one store would corrupt it."""
     if root.exists() and not root.is_dir():
         raise StoreError(f"store {root} exists and is not a directory")
     try:
-        (root / "kv").mkdir(parents=True, exist_ok=True)
-        handle = open(root / "lock", "ab")  # noqa: SIM115 (held open until aclose)
+        root.mkdir(parents=True, exist_ok=True)
+        lock = StoreLock(root)
     except OSError as exc:
         raise store_error(root, "make the store at", exc) from exc
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        handle.close()
-        raise StoreError(f"store {root} is in use by another runtime") from exc
-    return handle
+        KVDir(root / "kv").entries()  # kv/ a link out of the store, or unreadable: refused
+        (root / "kv").mkdir(exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
-# Block files, their staging names, and the whole-cache files of schema 1 and 2.
-_KV_NAME = re.compile(
-    r"[0-9a-f]{32}\.(kvb|partial)|[0-9a-f]{20}-[0-9a-f]{16}\.(kvt|partial)"
-    r"|[0-9a-f]{20}-[0-9]{7}(\.partial)?\.safetensors"
-)
-
-
-def _remove_orphans(directory: Path, referenced: set[str]) -> None:
-    """Delete the files of turns whose commit never happened (a crash between write and
-    commit). Anything troupe did not write is left alone, and nothing here stops an open."""
-    try:
-        entries = list(directory.iterdir())
-    except OSError as exc:
-        logger.warning("cannot list %s: %s", directory, exc)
-        return
-    for path in entries:
-        if path.name in referenced:
-            continue
-        if _KV_NAME.fullmatch(path.name) is None or not path.is_file() or path.is_symlink():
-            logger.warning("skipping %s: not a KV file of this store", path)
-            continue
-        _remove(path)
-
-
-def _remove(path: Path) -> None:
-    """Delete a KV file; a failure is logged (an orphan costs disk space, not data)."""
-    try:
-        if path.is_file() or path.is_symlink():
-            path.unlink(missing_ok=True)
-        elif path.exists():
-            logger.warning("not removing %s: it is not a file", path)
-    except OSError as exc:
-        logger.warning("cannot remove %s: %s", path, exc)
+def _collect(kv: KVDir, entries: list[Entry]) -> None:
+    """Delete what the catalog names as garbage; a failure only costs disk space."""
+    for entry in entries:
+        kv.remove(entry.name)
+    strangers = [e.name for e in kv.entries() if e.parsed is None]
+    if strangers:
+        logger.warning("%s holds %d entries troupe did not write (left alone): %s", kv.path,
+                       len(strangers), ", ".join(sorted(strangers)[:5]))
 
 
 class Storage(Actor):
@@ -310,11 +310,13 @@ class Storage(Actor):
         mailbox: int,
         *,
         budget: int,
-        block_size: int,
+        block_size: int | None,
     ) -> None:
         super().__init__("storage", mailbox)
         self.root = root
-        self.block_size = block_size
+        self._asked_block_size = block_size
+        self.block_size = block_size or DEFAULT_BLOCK_SIZE
+        """Tokens per block: the store's own once ``open`` has read it."""
         self._engine = engine
         self._info = info
         self._layout = layout
@@ -324,7 +326,10 @@ class Storage(Actor):
         self._hash_key = self._model_key.encode()
         self._sqlite: AsyncioThread | None = None
         self._catalog: Catalog | None = None
-        self._lock: IO[bytes] | None = None
+        self._lock: StoreLock | None = None
+        self._kv: KVDir | None = None
+        self._serials = itertools.count(1)
+        self._generation = 0
         self.pool = BlockPool(budget)
         self.caches_saved = 0
         self.caches_loaded = 0
@@ -346,29 +351,37 @@ class Storage(Actor):
         self._staged: dict[bytes, KVFile] = {}
 
     @property
-    def _kv_dir(self) -> Path:
-        assert self.root is not None
-        return self.root / "kv"
+    def kv(self) -> KVDir:
+        assert self._kv is not None
+        return self._kv
+
+    def _serial(self) -> int:
+        """A serial no file of this store has had: this opening's generation, a count."""
+        return (self._generation << GENERATION_SHIFT) | next(self._serials)
 
     async def open(self) -> list[str]:
         """Open the store (if any) and return the ids of the agents it holds."""
         if self.root is None:
             return []
         self._lock = await anyio.to_thread.run_sync(_prepare_store, self.root)
+        kv = self._kv = KVDir(self.root / "kv")
+        entries = await anyio.to_thread.run_sync(kv.entries)
         self._sqlite = AsyncioThread("troupe-sqlite")
         # Shielded: a connection abandoned half-open would keep its (non-daemon) thread.
         with anyio.CancelScope(shield=True):
-            catalog, fits = await self._sqlite.run(
-                Catalog.open, self.root / "catalog.sqlite", self._model_key
+            catalog, opened = await self._sqlite.run(
+                Catalog.open, self.root / "catalog.sqlite", self._model_key,
+                self._asked_block_size, KVFiles.of(kv.path, entries),
             )
         self._catalog = catalog
-        if not fits:
+        self.block_size, self._generation = opened.block_size, opened.generation
+        if not opened.fits:
             logger.warning("store %s was made with another model: its caches are dropped, "
                            "transcripts kept", self.root)
         ids = await self._sqlite.run(catalog.agent_ids)
         names = await self._sqlite.run(catalog.file_names)
         self.blocks_on_disk = sum(1 for name in names if name.endswith(".kvb"))
-        await anyio.to_thread.run_sync(_remove_orphans, self._kv_dir, names)
+        await anyio.to_thread.run_sync(_collect, kv, garbage(entries, names, self._generation))
         return ids
 
     async def aclose(self) -> None:
@@ -379,7 +392,7 @@ class Storage(Actor):
                 await self._sqlite.run(self._catalog.close)
             await self._sqlite.aclose()
         if self._lock is not None:
-            self._lock.close()  # releases the flock
+            self._lock.release()
 
     async def handle(self, message: Request[Any]) -> Any:
         try:
@@ -426,7 +439,8 @@ class Storage(Actor):
                     and stored == chain:
                 try:
                     file = await anyio.to_thread.run_sync(
-                        copy_kv, self._kv_dir, source.tail.file, tail_file_name(message.new_id))
+                        self.kv.copy, source.tail.file,
+                        tail_file_name(message.new_id, self._serial()))
                 except StoreError as exc:
                     logger.warning("agent %r: its tail was not copied (%s)", message.new_id, exc)
                 else:
@@ -439,7 +453,7 @@ class Storage(Actor):
                 )
             except BaseException:
                 if record is not None:
-                    await anyio.to_thread.run_sync(_remove, self._kv_dir / record.file.name)
+                    await anyio.to_thread.run_sync(self.kv.remove, record.file.name)
                 raise
         if tail is not None and tail.data is None and tail.file is None:
             tail = None  # on disk only, and the copy failed: the fork prefills those tokens
@@ -488,7 +502,7 @@ class Storage(Actor):
         if tail is not None:
             tail.pins += 1
         pinned = Prefix(0, None, tuple(blocks), tail, cold=cold)
-        loaded = await load_cold(self._engine, self._kv_dir, self._layout, self.block_size,
+        loaded = await load_cold(self._engine, self.kv, self._layout, self.block_size,
                                  cold)
         prefix = await self._install(Install(message.agent_id, pinned, loaded, turn=False))
         for block in prefix.pinned:
@@ -501,7 +515,7 @@ class Storage(Actor):
     async def load(self, cold: ColdKV) -> LoadedKV:
         """``load_cold`` for this store; called from a turn's task (no actor state)."""
         assert self._layout is not None
-        return await load_cold(self._engine, self._kv_dir, self._layout, self.block_size,
+        return await load_cold(self._engine, self.kv, self._layout, self.block_size,
                                cold)
 
     def covered(self, agent_id: str) -> int:
@@ -619,33 +633,49 @@ class Storage(Actor):
             self.restores += 1
             self.bytes_read += nbytes
         matched, tail = list(cold.known), cold.tail
-        if loaded.failure is not None:
-            bad = items[len(loaded.blocks)]
+        if loaded.failures:
+            first = min(loaded.failures)
             logger.warning("agent %r: %s; its context is prefilled from there",
-                           cold.agent_id, loaded.failure)
+                           cold.agent_id, loaded.failures[first])
             if tail is not None:
                 tail.pins -= 1
                 tail = None
+            bad = items[first]
             if isinstance(bad, Block):
                 cut = matched.index(bad)
                 for block in matched[cut:]:
                     block.pins -= 1
                 matched = matched[:cut]
-                await self._forget_block(bad)
-            else:
-                await self._forget_tail(cold.agent_id)
+            elif message.turn:
+                self.rebuilds += 1  # its own tail was lost: those tokens are prefilled again
+            # Every bad file goes, not only the first: the turn that prefills from the first
+            # writes the blocks after it again, and a bad row left would cost a rebuild at
+            # every later opening.
+            for i in sorted(loaded.failures):
+                if i > first:
+                    logger.warning("agent %r: %s", cold.agent_id, loaded.failures[i])
+                item = items[i]
+                if isinstance(item, Block):
+                    await self._forget_block(item)
+                else:
+                    await self._forget_tail(cold.agent_id)
         return self._finish(cold, matched, tail, prefix.computing, turn=message.turn)
 
     async def _forget_block(self, block: Block) -> None:
+        """A block's file is bad: its row and file go; its KV, if some turn loaded it
+        meanwhile, stays in memory and is written again by the next commit that holds it."""
         if self._catalog is not None and self._sqlite is not None and block.file is not None:
             name = block.file.name
             try:
                 await self._sqlite.run(self._catalog.forget_block, block.block_id)
             except StoreError as exc:
                 logger.warning("%s", exc)
-            await anyio.to_thread.run_sync(_remove, self._kv_dir / name)
+            await anyio.to_thread.run_sync(self.kv.remove, name)
             self.blocks_on_disk -= 1
-        self.pool.drop(block)
+        if block.data is not None:
+            block.file = None
+        else:
+            self.pool.drop(block)
 
     async def _forget_tail(self, agent_id: str) -> None:
         lease = self.pool.lease(agent_id)
@@ -658,7 +688,7 @@ class Storage(Actor):
                 await self._sqlite.run(self._catalog.forget_tail, agent_id)
             except StoreError as exc:
                 logger.warning("%s", exc)
-            await anyio.to_thread.run_sync(_remove, self._kv_dir / file.name)
+            await anyio.to_thread.run_sync(self.kv.remove, file.name)
 
     # -- publish and commit
 
@@ -679,9 +709,9 @@ class Storage(Actor):
             for block, view in zip(blocks, kv.views, strict=True):
                 if block.file is not None or block.block_id in self._staged:
                     continue
-                name = block_file_name(block.block_id)
+                name = block_file_name(block.block_id, serial := self._serial())
                 try:
-                    file = await anyio.to_thread.run_sync(write_kv, self._kv_dir, name, view)
+                    file = await anyio.to_thread.run_sync(self.kv.write, name, view, serial)
                 except StoreError as exc:
                     logger.info("a published block is left to its commit to write: %s", exc)
                     break
@@ -740,7 +770,7 @@ class Storage(Actor):
             if self._catalog is not None:
                 await self._persist(message, lease, chain, views, kv, published)
                 if chain is not None and old_tail is not None:
-                    await anyio.to_thread.run_sync(_remove, self._kv_dir / old_tail.name)
+                    await anyio.to_thread.run_sync(self.kv.remove, old_tail.name)
         finally:
             pool.evict()
         return self.covered(message.agent_id)
@@ -763,8 +793,10 @@ class Storage(Actor):
             stored, written = await self._write_chain(message.agent_id, chain, views)
             if (stored == chain and lease.tail is not None and kv is not None
                     and kv.tail_views is not None):
-                file = await self._write(message.agent_id, tail_file_name(message.agent_id),
-                                         kv.tail_views)
+                serial = self._serial()
+                file = await self._write(message.agent_id,
+                                         tail_file_name(message.agent_id, serial),
+                                         kv.tail_views, serial)
                 if file is not None:
                     lease.tail.file = file
                     tail = TailRecord(lease.tail.tokens, file)
@@ -778,17 +810,19 @@ class Storage(Actor):
             )
         except BaseException:
             if tail is not None:
-                await anyio.to_thread.run_sync(_remove, self._kv_dir / tail.file.name)
+                await anyio.to_thread.run_sync(self.kv.remove, tail.file.name)
                 if lease.tail is not None:
                     lease.tail.file = None
             raise
         if chain is not None and stored == chain and (lease.tail is None or tail is not None):
             self.caches_saved += 1
 
-    async def _write(self, agent_id: str, name: str, view: list[memoryview]) -> KVFile | None:
+    async def _write(
+        self, agent_id: str, name: str, view: list[memoryview], serial: int
+    ) -> KVFile | None:
         """Write one file of KV; None if the disk refused (logged, counted)."""
         try:
-            file = await anyio.to_thread.run_sync(write_kv, self._kv_dir, name, view)
+            file = await anyio.to_thread.run_sync(self.kv.write, name, view, serial)
         except StoreError as exc:
             self.caches_unsaved += 1
             logger.warning("agent %r: KV not saved (%s); the turn is kept, and after a reopen "
@@ -818,7 +852,9 @@ class Storage(Actor):
                 view = views.get(block.block_id)
                 if view is None:
                     break
-                file = await self._write(agent_id, block_file_name(block.block_id), view)
+                serial = self._serial()
+                file = await self._write(agent_id, block_file_name(block.block_id, serial),
+                                         view, serial)
                 if file is None:
                     break
                 self._staged[block.block_id] = file

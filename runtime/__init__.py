@@ -12,6 +12,7 @@ BLAS: BlasStatus = load_blas()
 
 from ._embedded import make_model  # noqa: E402
 from ._errors import (  # noqa: E402
+    AgentDamagedError,
     AgentExistsError,
     AgentFailedError,
     AgentNotFoundError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BLAS",
     "Agent",
+    "AgentDamagedError",
     "AgentExistsError",
     "AgentFailedError",
     "AgentNotFoundError",

@@ -50,5 +50,22 @@ class StoreError(TroupeError):
     """The store could not be opened, read or written."""
 
 
+class AgentDamagedError(StoreError):
+    """The store's record of one agent is inconsistent: a message changed or missing, a
+    count that does not match. Carries ``agent_id`` and ``problems``.
+
+    Only that agent is refused; the others keep working. ``troupe store repair DIR`` keeps
+    each damaged agent's transcript up to its first bad message (and prints the rest).
+    """
+
+    def __init__(self, agent_id: str, problems: list[str]) -> None:
+        super().__init__(
+            f"agent {agent_id!r} is damaged in the store: {'; '.join(problems)} "
+            "(`troupe store repair` keeps its transcript up to the first bad message)"
+        )
+        self.agent_id = agent_id
+        self.problems = tuple(problems)
+
+
 class EngineError(TroupeError):
     """The MLX engine thread failed; turns in flight end with this error."""

@@ -24,7 +24,6 @@ from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
 from .actors._scheduler import Scheduler
 from .actors._storage import Activate, AddAgent, Deactivate, ForkAgent, Storage
-from .storage._blocks import DEFAULT_BLOCK_SIZE
 
 logger = logging.getLogger("troupe")
 
@@ -319,7 +318,7 @@ async def open_runtime(
     prefill_step_size: int = 128,
     mailbox_size: int = 16,
     kv_budget: int | str = DEFAULT_KV_BUDGET,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
 ) -> AsyncIterator[Runtime]:
     """Open a runtime for the duration of an ``async with`` block (trio or asyncio).
@@ -330,6 +329,9 @@ async def open_runtime(
     everything in memory. Leaving the block cancels turns still in flight, persists
     what was committed, joins every thread the runtime started and lets go of the
     model's weights and the KV in memory.
+
+    ``block_size``: tokens per KV block; None takes the store's (a store keeps the size
+    it was made with, and refuses another with StoreError), else 128.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -344,10 +346,12 @@ async def open_runtime(
     ):
         raise ValueError(f"idle_timeout must be a number of seconds > 0 or None, "
                          f"got {idle_timeout!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if not 16 <= block_size <= 4096:
-        raise ValueError(f"block_size must be in [16, 4096], got {block_size}")
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int):
+            raise TypeError(f"block_size must be an int or None, got "
+                            f"{type(block_size).__name__}")
+        if not 16 <= block_size <= 4096:
+            raise ValueError(f"block_size must be in [16, 4096], got {block_size}")
     source = _model_source(model)
     root = _store_root(store)
     # While the batch runs, the heap may hold as much free as the KV budget (its pages are

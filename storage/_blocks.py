@@ -3,25 +3,17 @@
 A full block of ``block_size`` tokens is identified, as in vLLM, by a hash chained over
 (model identity, the parent block's id, the block's tokens): the same tokens at the same
 position under the same model are the same block, whoever computed them. Nothing here
-touches MLX: files are written from and read into the arrays' memory, through views the
-engine thread made, on worker threads.
+touches MLX or the disk: storage/_kvdir.py writes and reads the files.
 """
 
 from __future__ import annotations
 
 import array
-import contextlib
 import hashlib
-import os
-import secrets
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import attrs
-
-from .._errors import StoreError
-from ._faults import store_error
 
 BLOCK_FORMAT = "troupe-block/1"
 """Block and tail files: each layer's keys then values, raw, in the model's dtype (the
@@ -55,16 +47,8 @@ class KVFile:
     name: str
     nbytes: int
     checksum: str
-
-
-def block_file_name(block_id: bytes) -> str:
-    return block_id.hex() + ".kvb"
-
-
-def tail_file_name(agent_id: str) -> str:
-    # A fresh name each time: a tail on record is never overwritten in place.
-    agent = hashlib.sha256(agent_id.encode()).hexdigest()[:20]
-    return f"{agent}-{secrets.token_hex(8)}.kvt"
+    serial: int = 0
+    """The write it came from: the store's opening in the high bits (see _kvdir)."""
 
 
 CRC32 = "crc32:"
@@ -92,78 +76,3 @@ def checksum_matches(parts: Sequence[memoryview | bytes], recorded: str) -> bool
     for part in parts:
         digest.update(part)
     return digest.hexdigest() == recorded
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_kv(directory: Path, name: str, parts: Sequence[memoryview]) -> KVFile:
-    """Write KV bytes (each layer's keys then values) durably; any thread.
-
-    Written to a temporary name, fsynced, renamed: a reader sees a whole file or none.
-    StoreError if the disk refuses (nothing is left behind). Makes the folder if it
-    vanished.
-    """
-    record = KVFile(name, sum(p.nbytes for p in parts), payload_checksum(parts))
-    path = directory / name
-    staging = path.with_suffix(".partial")
-    try:
-        directory.mkdir(exist_ok=True)
-        with open(staging, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-        _fsync_dir(directory)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            staging.unlink(missing_ok=True)
-        raise store_error(path, "write the KV file", exc) from exc
-    return record
-
-
-def copy_kv(directory: Path, record: KVFile, name: str) -> KVFile:
-    """A durable copy of a checked file under a new name; StoreError if either fails."""
-    data = read_kv(directory, record)
-    return write_kv(directory, name, [memoryview(data)])
-
-
-def read_kv_into(directory: Path, record: KVFile, parts: Sequence[memoryview]) -> None:
-    """Fill ``parts`` (writable, in file order) with a file's bytes, checked against the
-    catalog's record; StoreError if the file is not whole or not the size of ``parts``.
-
-    Reading straight into the memory the caller keeps copies each byte once (into bytes
-    first, a restore copied them twice and faulted in twice the fresh pages).
-    """
-    path = directory / record.name
-    expected = sum(part.nbytes for part in parts)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != record.nbytes or size != expected:
-                raise StoreError(f"KV file {path} is damaged (size {size}, recorded "
-                                 f"{record.nbytes}, expected {expected})")
-            for part in parts:
-                filled = 0
-                while filled < part.nbytes:
-                    n = f.readinto(part[filled:])
-                    if not n:
-                        raise StoreError(f"KV file {path} is damaged (shorter than its size)")
-                    filled += n
-    except OSError as exc:
-        raise StoreError(f"unreadable KV file {path}: {exc}") from exc
-    if not checksum_matches(parts, record.checksum):
-        raise StoreError(f"KV file {path} is damaged (checksum mismatch)")
-
-
-def read_kv(directory: Path, record: KVFile) -> bytearray:
-    """A file's bytes, checked against the catalog's record; StoreError if not whole."""
-    data = bytearray(record.nbytes)
-    read_kv_into(directory, record, [memoryview(data)])
-    return data

@@ -23,7 +23,7 @@ from troupe.actors._mlx import (
     cache_tokens,
     make_sampler,
 )
-from troupe.storage._blocks import read_kv_into, write_kv
+from troupe.storage._kvdir import KVDir, block_file_name
 
 PROMPTS = [list(range(40, 40 + n)) for n in (23, 9, 31)]
 LATE = list(range(60, 77))  # joins while the others decode
@@ -98,9 +98,10 @@ def test_a_block_comes_back_from_its_file_bit_for_bit(dtype: str, tmp_path: Path
              for _ in range(3)]
     mx.eval(block)
     layout = BlockLayout((2, 3), 3, dtype, 3, block_nbytes(block) // 5)
-    record = write_kv(tmp_path, "block.kvb", block_bytes(block))
+    kv = KVDir(tmp_path)
+    record = kv.write(block_file_name(b"\1" * 16, 1), block_bytes(block))
     again = layout.empty(5)
-    read_kv_into(tmp_path, record, block_bytes(again))
+    kv.read_into(record, block_bytes(again))
     assert len(again) == len(block)
     for (keys, values), (keys2, values2) in zip(block, again, strict=True):
         for a, b in ((keys, keys2), (values, values2)):
@@ -109,4 +110,4 @@ def test_a_block_comes_back_from_its_file_bit_for_bit(dtype: str, tmp_path: Path
             assert bytes(memoryview(cast(Any, b))) == bytes(memoryview(cast(Any, a)))
     # A file that is not the size of the block it should fill is refused before reading.
     with pytest.raises(StoreError, match="damaged"):
-        read_kv_into(tmp_path, record, block_bytes(layout.empty(4)))
+        kv.read_into(record, block_bytes(layout.empty(4)))

@@ -15,7 +15,8 @@ import trio.testing
 
 import troupe
 from conftest import PYTHON, TINY
-from troupe.storage._blocks import KVFile, block_file_name, read_kv
+from troupe.storage._blocks import KVFile
+from troupe.storage._kvdir import KVDir, block_file_name
 
 WORLD = "The village of Millbrook sits by a river; a storm is coming. " * 3
 ROUNDS = ["Good morning.", "What do you see?", "And now?"]
@@ -177,10 +178,10 @@ async def test_a_turn_writes_only_the_blocks_it_completed(store: Path) -> None:
 def _catalog_files(store: Path) -> list[KVFile]:
     """Every block and tail file the catalog points at, read with plain sqlite3."""
     with contextlib.closing(sqlite3.connect(store / "catalog.sqlite")) as db:
-        blocks = db.execute("SELECT id, nbytes, checksum FROM blocks").fetchall()
+        blocks = db.execute("SELECT id, nbytes, checksum, serial FROM blocks").fetchall()
         tails = db.execute("SELECT tail_file, tail_nbytes, tail_checksum FROM agents "
                            "WHERE tail_file IS NOT NULL").fetchall()
-    return [KVFile(block_file_name(i), n, c) for i, n, c in blocks] + [
+    return [KVFile(block_file_name(i, serial), n, c) for i, n, c, serial in blocks] + [
         KVFile(f, n, c) for f, n, c in tails]
 
 
@@ -213,7 +214,7 @@ async def test_a_damaged_block_is_rebuilt_with_an_identical_continuation(
     assert stats.rebuilds == 1
     # The rebuilt block was written again, whole.
     for file in _catalog_files(store):
-        read_kv(store / "kv", file)
+        KVDir(store / "kv").read(file)
 
 
 async def test_a_process_killed_mid_spill_reopens_whole(
@@ -262,7 +263,7 @@ async def test_a_process_killed_mid_spill_reopens_whole(
     assert reply.cached_tokens > 0
     # No catalog row points at a missing or partial block.
     for file in _catalog_files(store):
-        read_kv(store / "kv", file)
+        KVDir(store / "kv").read(file)
     assert not list((store / "kv").glob("*.partial"))
 
 

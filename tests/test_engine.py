@@ -18,7 +18,8 @@ import trio.testing
 
 import troupe
 from conftest import TINY
-from troupe.storage._blocks import KVFile, block_file_name, read_kv
+from troupe.storage._blocks import KVFile
+from troupe.storage._kvdir import KVDir, block_file_name
 
 WORLD = "The village of Millbrook sits by a river; a storm is coming. " * 3
 SHARED = WORLD * 4  # about 750 tokens with the template: 23 blocks of 32
@@ -35,8 +36,8 @@ async def _until(condition: Callable[[], bool]) -> None:
 def _block_files(store: Path) -> list[KVFile]:
     """Every block file the catalog names, read with plain sqlite3."""
     with contextlib.closing(sqlite3.connect(store / "catalog.sqlite")) as db:
-        rows = db.execute("SELECT id, nbytes, checksum FROM blocks").fetchall()
-    return [KVFile(block_file_name(i), n, c) for i, n, c in rows]
+        rows = db.execute("SELECT id, nbytes, checksum, serial FROM blocks").fetchall()
+    return [KVFile(block_file_name(i, serial), n, c) for i, n, c, serial in rows]
 
 
 def _settled(rt: troupe.Runtime) -> None:
@@ -211,7 +212,7 @@ async def test_a_turn_cancelled_after_publishing_leaves_the_runtime_consistent(
     files = _block_files(store)
     assert len(files) >= 23
     for file in files:
-        read_kv(store / "kv", file)
+        KVDir(store / "kv").read(file)
     assert not list((store / "kv").glob("*.partial"))
     async with troupe.open_runtime(model=TINY, store=store, **options) as rt:  # type: ignore[arg-type]
         late = await (await rt.spawn("late", system=systems["z"])).say("Hi", max_tokens=8)

@@ -16,7 +16,8 @@ import pytest
 
 import troupe
 from conftest import TINY, SmallDisk
-from troupe.storage._blocks import KVFile, payload_checksum, read_kv
+from troupe.storage._blocks import KVFile, payload_checksum
+from troupe.storage._kvdir import KVDir
 
 SYSTEM = "You are Alice, the town baker."
 
@@ -24,7 +25,7 @@ SYSTEM = "You are Alice, the town baker."
 def _tail_file(store: Path, agent_id: str) -> Path:
     """The file holding ``agent_id``'s partial last block (named after the agent)."""
     prefix = hashlib.sha256(agent_id.encode()).hexdigest()[:20]
-    [path] = (store / "kv").glob(f"{prefix}-*.kvt")
+    [path] = (store / "kv").glob(f"{prefix}.*.kvt")
     return path
 
 
@@ -200,12 +201,12 @@ async def test_damaged_cache_files_are_detected(store: Path) -> None:
     assert recorded.checksum.startswith("crc32:")
     earlier = KVFile(files["a"].name, len(clean["a"]), hashlib.sha256(clean["a"]).hexdigest())
     for record in (recorded, earlier):
-        assert read_kv(files["a"].parent, record) == clean["a"]
+        assert KVDir(files["a"].parent).read(record) == clean["a"]
     for damaged in _corruptions(clean["a"], random.Random(7)):
         files["a"].write_bytes(damaged)
         for record in (recorded, earlier):
             with pytest.raises(troupe.StoreError, match="damaged"):
-                read_kv(files["a"].parent, record)
+                KVDir(files["a"].parent).read(record)
 
     # End to end: overwritten in the middle, zeroed, an inf in a tensor, another agent's
     # file of the same length. Each costs a prefill, and the reply is what it should be.

@@ -22,8 +22,9 @@ HAS_OPENBLAS = any(Path(p).exists() for p in _blas._CANDIDATES)  # where distros
 
 def test_public_names_are_pinned() -> None:
     assert sorted(troupe.__all__) == sorted([
-        "BLAS", "Agent", "AgentExistsError", "AgentFailedError", "AgentNotFoundError",
-        "AgentStatistics", "BlasStatus", "BlasWarning", "ContextLengthError", "EngineError",
+        "BLAS", "Agent", "AgentDamagedError", "AgentExistsError", "AgentFailedError",
+        "AgentNotFoundError", "AgentStatistics", "BlasStatus", "BlasWarning",
+        "ContextLengthError", "EngineError",
         "Message", "ModelInfo", "ModelLoadError", "Reply", "ReplyStream", "Runtime",
         "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "TroupeError",
         "__version__", "make_model", "open_runtime",

@@ -13,18 +13,25 @@ import trio.testing
 
 import troupe
 from conftest import TINY
+from troupe.storage._catalog import agent_checksum, message_checksum
 
 
 def _add_stored_agents(store: Path, count: int) -> None:
-    """``count`` more agents, each with a short transcript, straight into the catalog."""
+    """``count`` more agents, each with a short transcript, straight into the catalog
+    (with the checksums and counts troupe keeps, so they read back as sound)."""
     with contextlib.closing(sqlite3.connect(store / "catalog.sqlite")) as db, db:
         db.executemany(
-            "INSERT INTO agents (id, system, created, turns) VALUES (?, ?, ?, 1)",
-            [(f"bulk-{i}", f"You are villager {i}.", time.time() + i) for i in range(count)],
+            "INSERT INTO agents (id, system, created, turns, message_count, checksum) "
+            "VALUES (?, ?, ?, 1, 2, ?)",
+            [(f"bulk-{i}", f"You are villager {i}.", time.time() + i,
+              agent_checksum(f"bulk-{i}", f"You are villager {i}."))
+             for i in range(count)],
         )
         db.executemany(
-            "INSERT INTO messages (agent_id, seq, role, content) VALUES (?, ?, ?, ?)",
-            [(f"bulk-{i}", seq, role, f"{role} {i}")
+            "INSERT INTO messages (agent_id, seq, role, content, checksum) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(f"bulk-{i}", seq, role, f"{role} {i}",
+              message_checksum(f"bulk-{i}", seq, role, f"{role} {i}"))
              for i in range(count) for seq, role in enumerate(("user", "assistant"))],
         )
 

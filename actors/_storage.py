@@ -12,10 +12,8 @@ disk already; without one, the next turn prefills it again.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
-import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -40,6 +38,7 @@ from ..storage._kvdir import (
     garbage,
     tail_file_name,
 )
+from ..storage._lock import StoreLock
 from ._engine import CachedPrefix, CutKV, Engine
 from ._mlx import BlockLayout, KVBlock, ModelInfo, block_bytes, block_nbytes
 from ._pool import Block, BlockPool, Lease, Tail, common_prefix
@@ -240,30 +239,6 @@ class Commit(Request[int]):
     turns: int
     prefix: Prefix
     kv: CutKV | None
-
-
-class StoreLock:
-    """A store held by one runtime: an exclusive flock on the store's directory itself
-    (a lock file can be deleted, and a second process would lock a new one), and on its
-    ``lock`` file, which troupes before 0.2 lock."""
-
-    def __init__(self, root: Path) -> None:
-        self._fds: list[int] = []
-        try:
-            for path, flags in ((root, os.O_RDONLY | os.O_DIRECTORY),
-                                (root / "lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
-                self._fds.append(os.open(path, flags | os.O_CLOEXEC, 0o644))
-                try:
-                    fcntl.flock(self._fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as exc:
-                    raise StoreError(f"store {root} is in use by another runtime") from exc
-        except BaseException:
-            self.release()
-            raise
-
-    def release(self) -> None:
-        while self._fds:
-            os.close(self._fds.pop())  # releases its flock
 
 
 def _prepare_store(root: Path) -> StoreLock:
@@ -646,8 +621,10 @@ class Storage(Actor):
                 for block in matched[cut:]:
                     block.pins -= 1
                 matched = matched[:cut]
-            elif message.turn:
-                self.rebuilds += 1  # its own tail was lost: those tokens are prefilled again
+            else:
+                # Its own tail was lost: its next turn prefills those tokens again (counted
+                # now: the prefetch that found it leaves that turn nothing to tell).
+                self.rebuilds += 1
             # Every bad file goes, not only the first: the turn that prefills from the first
             # writes the blocks after it again, and a bad row left would cost a rebuild at
             # every later opening.

@@ -1,4 +1,4 @@
-"""The ``troupe`` command: demo, make-model, bench.
+"""The ``troupe`` command: demo, make-model, bench, store.
 
 Every failure the user can cause ends in one line on stderr, never a traceback:
 ``troupe: error: ...`` and exit 2 (bad arguments, a model, store or file that cannot be
@@ -154,6 +154,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--chart", type=_writable_file, default=None, metavar="FILE",
                        help="peer: also draw the ratios as a PNG bar chart "
                        "(needs matplotlib: pip install 'troupe[chart]')")
+    store = commands.add_parser(
+        "store", help="look after a store offline: check, ls, repair",
+        description="check: verify a store (the catalog, every message's and KV file's "
+        "checksum, files the catalog does not know); one line per finding; exit 0 if sound, "
+        "1 if problems were found, 2 if it cannot be checked. ls: list its agents with their "
+        "turns, messages, and the KV tokens and bytes stored for them. repair: keep each "
+        "damaged agent's transcript up to its first bad message (printing the rest), drop "
+        "rows of bad KV files, set aside files of openings the catalog never recorded. "
+        "check and repair need the store closed; ls may run beside a runtime.")
+    store.add_argument("action", choices=["check", "ls", "repair"])
+    store.add_argument("directory", type=_directory)
     return parser
 
 
@@ -171,13 +182,43 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _run(args: argparse.Namespace) -> None:
+PROBLEMS_EXIT = 1
+
+
+def _store(args: argparse.Namespace) -> int:
+    from .storage._inspect import check_store, list_agents, repair_store
+
+    root = Path(args.directory)
+    if args.action == "check":
+        findings = check_store(root)
+        for finding in findings:
+            print(finding.text if finding.problem else f"note: {finding.text}")
+        problems = sum(1 for f in findings if f.problem)
+        print(f"{root}: {problems} problem{'s' if problems != 1 else ''}", file=sys.stderr)
+        return PROBLEMS_EXIT if problems else 0
+    if args.action == "ls":
+        agents = list_agents(root)
+        width = max((len(a.agent_id) for a in agents), default=5)
+        print(f"{'agent':<{width}}  {'turns':>6}  {'messages':>8}  {'kv tokens':>9}  "
+              f"{'kv bytes':>12}")
+        for a in agents:
+            print(f"{a.agent_id:<{width}}  {a.turns:>6}  {a.messages:>8}  {a.kv_tokens:>9}  "
+                  f"{a.kv_bytes:>12}")
+        return 0
+    for line in repair_store(root):
+        print(line)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "store":
+        return _store(args)
     if args.command == "make-model":
         from ._embedded import make_model
 
         path = make_model(args.directory, args.size)
         print(f"wrote the embedded {args.size} model to {path}")
-        return
+        return 0
     if BLAS.name == REFERENCE:
         print(f"troupe: note: {slow_blas_note()}", file=sys.stderr, flush=True)
     if args.command == "demo":
@@ -193,6 +234,7 @@ def _run(args: argparse.Namespace) -> None:
         )
     elif args.command == "bench":
         anyio.run(lambda: _bench(args), backend="trio")
+    return 0
 
 
 async def _bench(args: argparse.Namespace) -> None:
@@ -227,7 +269,7 @@ async def _bench(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _run(args)
+        code = _run(args)
     except BaseException as exc:  # sorted below; anything unexpected is re-raised
         leaves = _leaves(exc)
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
@@ -242,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             more = f" (and {len(leaves) - 1} more {'like it' if alike else 'errors'})"
         print(f"troupe: error: {_describe(leaves[0])}{more}", file=sys.stderr)
         return ERROR_EXIT
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -198,7 +198,6 @@ async def _connect(path: Path) -> aiosqlite.Connection:
         # A damaged catalog's text may not be UTF-8: read it anyway, and let the checksums
         # (which hash it the same way) say it is damaged.
         db.text_factory = _decode
-        await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
     except BaseException:
         await db.close()
@@ -263,17 +262,25 @@ class Catalog:
         return catalog, opened
 
     async def _prepare(self, model_key: str, block_size: int | None, files: KVFiles) -> Opened:
-        async with self._transaction("open the catalog") as db:
-            tables = {r[0] for r in await db.execute_fetchall(
+        try:
+            tables = {r[0] for r in await self._db.execute_fetchall(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise store_error(self._path, "open the catalog", exc) from exc
+        if "meta" not in tables and files.count:
+            # Checked before anything is written: a refused opening leaves the file as it was.
+            raise StoreError(
+                f"the catalog {self._path} is empty or missing, but {files.directory} holds "
+                f"{files.count} KV files: this is not their catalog. Put the store's "
+                "catalog.sqlite back (with its -wal file), or move kv/ aside to start an "
+                "empty store; nothing was changed"
+            )
+        try:
+            await self._db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise store_error(self._path, "open the catalog", exc) from exc
+        async with self._transaction("open the catalog") as db:
             if "meta" not in tables:
-                if files.count:
-                    raise StoreError(
-                        f"the catalog {self._path} is empty or missing, but "
-                        f"{files.directory} holds {files.count} KV files: this is not their "
-                        "catalog. Put the store's catalog.sqlite back (with its -wal file), "
-                        "or move kv/ aside to start an empty store; nothing was changed"
-                    )
                 await db.executescript(_SCHEMA)
                 rows: dict[str, str] = {}
             else:

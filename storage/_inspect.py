@@ -86,11 +86,8 @@ def check_store(root: Path) -> list[Finding]:
 
     StoreError if it is not a store or a runtime holds it (its files are changing)."""
     _is_store(root)
-    lock = StoreLock(root)
-    try:
+    with StoreLock(root):
         return _check(root)
-    finally:
-        lock.release()
 
 
 def _check(root: Path) -> list[Finding]:
@@ -200,11 +197,8 @@ def repair_store(root: Path) -> list[str]:
     catalog never recorded are set aside in ``orphaned/``.
     """
     _is_store(root)
-    lock = StoreLock(root)
-    try:
+    with StoreLock(root):
         return _repair(root)
-    finally:
-        lock.release()
 
 
 def _repair(root: Path) -> list[str]:

@@ -28,6 +28,12 @@ class StoreLock:
             self.release()
             raise
 
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
     def release(self) -> None:
         while self._fds:
             os.close(self._fds.pop())  # releases its flock

@@ -145,8 +145,9 @@ async def load_cold(engine: Engine, kv: KVDir, layout: BlockLayout, block_size: 
     def read_every(first: int, stride: int) -> None:
         for i in range(first, len(items), stride):
             file = items[i].file
-            assert file is not None
             try:
+                if file is None:  # found bad by another turn meanwhile
+                    raise StoreError("its KV file was found damaged and dropped")
                 kv.read_into(file, made[i][1])
             except StoreError as exc:
                 failures[i] = exc
@@ -688,11 +689,10 @@ class Storage(Actor):
                     continue
                 name = block_file_name(block.block_id, serial := self._serial())
                 try:
-                    file = await anyio.to_thread.run_sync(self.kv.write, name, view, serial)
+                    file = await self._put(name, view, serial)
                 except StoreError as exc:
                     logger.info("a published block is left to its commit to write: %s", exc)
                     break
-                self.bytes_written += file.nbytes
                 self._staged[block.block_id] = file
         pool.evict()
 
@@ -799,14 +799,48 @@ class Storage(Actor):
     ) -> KVFile | None:
         """Write one file of KV; None if the disk refused (logged, counted)."""
         try:
-            file = await anyio.to_thread.run_sync(self.kv.write, name, view, serial)
+            return await self._put(name, view, serial)
         except StoreError as exc:
             self.caches_unsaved += 1
             logger.warning("agent %r: KV not saved (%s); the turn is kept, and after a reopen "
                            "those tokens are prefilled again", agent_id, exc)
             return None
+
+    async def _put(self, name: str, parts: Sequence[memoryview], serial: int) -> KVFile:
+        """Write a file of KV (StoreError if the disk refuses), noticing a lost kv/."""
+        made = self.kv.made
+        file = await anyio.to_thread.run_sync(self.kv.write, name, parts, serial)
         self.bytes_written += file.nbytes
+        if self.kv.made != made:
+            await self._files_lost(keep=name)
         return file
+
+    async def _files_lost(self, keep: str) -> None:
+        """kv/ vanished and was made again: every file it held went with it. They are
+        forgotten, so that no row points at a missing file and the KV still in memory is
+        written again by the next commit that holds it (the rest is prefilled again)."""
+        logger.warning("%s vanished: its KV files are gone; KV still in memory is written "
+                       "again, the rest is prefilled again when needed", self.kv.path)
+        pool = self.pool
+        for block in list(pool.blocks.values()):
+            if block.file is not None and block.file.name != keep:
+                if block.data is not None:
+                    block.file = None
+                else:
+                    pool.drop(block)
+        self._staged = {b: f for b, f in self._staged.items() if f.name == keep}
+        for lease in pool.leases.values():
+            tail = lease.tail
+            if tail is not None and tail.file is not None and tail.file.name != keep:
+                tail.file = None
+                if tail.data is None:
+                    pool.set_tail(lease, None)
+        self.blocks_on_disk = 0
+        if self._catalog is not None and self._sqlite is not None:
+            try:
+                await self._sqlite.run(self._catalog.forget_files)
+            except StoreError as exc:
+                logger.warning("%s", exc)
 
     async def _write_chain(
         self, agent_id: str, chain: list[bytes], views: dict[bytes, list[memoryview]]

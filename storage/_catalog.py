@@ -474,6 +474,13 @@ class Catalog:
         async with self._transaction("drop a damaged block from") as db:
             await db.execute("DELETE FROM blocks WHERE id = ?", (block_id,))
 
+    async def forget_files(self) -> None:
+        """kv/ was lost: no block or tail file the catalog names exists any more."""
+        async with self._transaction("drop the lost KV files from") as db:
+            await db.execute("DELETE FROM blocks")
+            await db.execute("UPDATE agents SET tail = x'', tail_file = NULL "
+                             "WHERE tail_file IS NOT NULL")
+
     async def forget_tail(self, agent_id: str) -> None:
         """Drop an agent's damaged tail from the record."""
         async with self._transaction("drop a damaged tail from") as db:

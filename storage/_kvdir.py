@@ -146,6 +146,8 @@ class KVDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.made = 0
+        """How many times a write found kv/ gone and made it again (its files went with it)."""
 
     @contextlib.contextmanager
     def _opened(self, *, create: bool) -> Iterator[int]:
@@ -157,6 +159,7 @@ class KVDir:
                 raise
             with contextlib.suppress(FileExistsError):
                 os.mkdir(self.path)
+                self.made += 1
             fd = os.open(self.path, flags)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR) and self.path.is_symlink():

@@ -384,3 +384,28 @@ async def test_a_store_of_the_previous_schema_is_upgraded_with_its_caches(
     assert not orphan.exists()
     assert old_names - _names(store) <= {n for n in old_names if n.endswith(".kvt")}
     assert _check(store, capsys)[0] == 0
+
+
+async def test_a_kv_folder_deleted_mid_run_heals_without_a_restart(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = await _reference(["Good morning!", "And the bread?", "Thanks"])
+    async with troupe.open_runtime(model=TINY, store=store, block_size=16) as rt:
+        alice = await rt.spawn("alice", system=WORLD)
+        bob = await rt.spawn("bob", system=WORLD + " You are Bob.")
+        await alice.say("Good morning!", max_tokens=8)
+        await bob.say("Good morning!", max_tokens=8)
+        shutil.rmtree(store / "kv")
+        # Their KV is still in memory: each next commit writes it again.
+        second = await alice.say("And the bread?", max_tokens=8)
+        await bob.say("And the bread?", max_tokens=8)
+        assert rt.statistics().rebuilds == 0
+    assert second.tokens == expected[1].tokens
+    assert _check(store, capsys)[0] == 0  # no row points at a file that went
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        third = await (await rt.get("alice")).say("Thanks", max_tokens=8)
+        again = await (await rt.get("bob")).say("Thanks", max_tokens=8)
+        assert rt.statistics().rebuilds == 0
+    assert third.tokens == expected[2].tokens
+    assert third.cached_tokens == expected[2].cached_tokens
+    assert again.cached_tokens > 16 * 4

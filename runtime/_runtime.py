@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import anyio.abc
+import attrs
 import trio.lowlevel
 
 from ._actor import Actor
@@ -55,6 +57,18 @@ def _store_root(store: str | os.PathLike[str] | None) -> Path | None:
     return Path(store).expanduser() if store is not None else None
 
 
+_TransitionKind = Literal["adding", "activating", "deactivating"]
+
+
+@attrs.define(eq=False)
+class _Transition:
+    """An agent being added, activated or deactivated: it is neither handed out nor
+    retired until ``done``, so that it never has two actors."""
+
+    kind: _TransitionKind
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+
+
 class Runtime:
     """A running troupe: one model, one scheduler, one store, many agents.
 
@@ -80,7 +94,9 @@ class Runtime:
         # Every agent, in spawn order; only the active ones have an actor (and a task).
         self._ids: dict[str, None] = dict.fromkeys(stored_ids)
         self._agents: dict[str, AgentActor] = {}
-        self._activations: dict[str, anyio.Event] = {}
+        self._transitions: dict[str, _Transition] = {}
+        self._activations = 0
+        self._deactivations = 0
         # Retired actors some handle still holds: their successor is linked on activation.
         self._retired: weakref.WeakValueDictionary[str, AgentActor] = (
             weakref.WeakValueDictionary()
@@ -125,21 +141,43 @@ class Runtime:
     def _handle(self, actor: AgentActor) -> Agent:
         return Agent(actor, self._activate)
 
-    async def _activate(self, agent_id: str) -> AgentActor:
-        """The agent's actor, reading it from the store first if it is not active."""
+    @contextmanager
+    def _transition(self, agent_id: str, kind: _TransitionKind) -> Iterator[None]:
+        """Mark ``agent_id`` as in ``kind`` of transition while the block runs.
+
+        Callers set it only where none is set (checked without an await in between).
+        """
+        if agent_id in self._transitions:
+            raise RuntimeError(f"agent {agent_id!r} is already "
+                               f"{self._transitions[agent_id].kind}")
+        mark = self._transitions[agent_id] = _Transition(kind)
+        try:
+            yield
+        finally:
+            # Only the task that set the mark removes it, never another task's mark.
+            if self._transitions.get(agent_id) is mark:
+                del self._transitions[agent_id]
+            mark.done.set()
+
+    async def _settled(self, agent_id: str) -> None:
+        """Wait until ``agent_id`` is in no transition (RuntimeClosedError once closed)."""
         while True:
             self._check_open()
-            actor = self._agents.get(agent_id)
-            if actor is not None:
-                return actor
-            pending = self._activations.get(agent_id)
-            if pending is None:
-                break
-            await pending.wait()  # another task is activating or deactivating it
+            transition = self._transitions.get(agent_id)
+            if transition is None:
+                return
+            await transition.done.wait()
+
+    async def _activate(self, agent_id: str) -> AgentActor:
+        """The agent's actor, reading it from the store first if it is not active."""
+        await self._settled(agent_id)
+        # No await from here to the mark: nobody else can start a transition meanwhile.
+        actor = self._agents.get(agent_id)
+        if actor is not None:
+            return actor
         if agent_id not in self._ids:
             raise AgentNotFoundError(f"no agent {agent_id!r}")
-        done = self._activations[agent_id] = anyio.Event()
-        try:
+        with self._transition(agent_id, "activating"):
             # Shielded: the lease taken in the store must end up with a running actor.
             with anyio.CancelScope(shield=True):
                 record = await self._storage.call(Activate(agent_id))
@@ -148,6 +186,7 @@ class Runtime:
             actor = AgentActor(agent_id, AgentState.from_record(record), self._services,
                                self._mailbox_size)
             self._agents[agent_id] = actor
+            self._activations += 1
             retired = self._retired.pop(agent_id, None)
             if retired is not None:
                 retired.successor = actor
@@ -155,34 +194,47 @@ class Runtime:
             if not self._closed:
                 # Addressed now, likely to speak soon: its KV starts coming back from disk.
                 await actor.prefetch()
+            # Idle from now on, not from before the prefetch waited for the store.
+            actor.last_active = anyio.current_time()
             return actor
-        finally:
-            del self._activations[agent_id]
-            done.set()
 
     @trio.lowlevel.enable_ki_protection  # like the actors: see Actor.run
     async def _reap(self, idle_timeout: float) -> None:
-        """Deactivate agents idle for ``idle_timeout`` seconds (their state is stored)."""
+        """Deactivate agents idle for ``idle_timeout`` seconds (their state is stored).
+
+        It runs as long as the runtime: a failure to retire one agent is logged and the
+        agent stays active (only cancellation ends it).
+        """
         with self._reaper:
             while True:
                 await anyio.sleep(idle_timeout / 4)
                 now = anyio.current_time()
                 for actor in list(self._agents.values()):
-                    if actor.idle and now - actor.last_active >= idle_timeout:
+                    if not self._retirable(actor, now, idle_timeout):
+                        continue
+                    try:
                         await self._deactivate(actor)
+                    except Exception:
+                        logger.exception("could not deactivate agent %r", actor.agent_id)
+
+    def _retirable(self, actor: AgentActor, now: float, idle_timeout: float) -> bool:
+        # Checked again for each actor: deactivating the ones before it awaited.
+        agent_id = actor.agent_id
+        return (not self._closed and self._agents.get(agent_id) is actor
+                and agent_id not in self._transitions
+                and actor.idle and now - actor.last_active >= idle_timeout)
 
     async def _deactivate(self, actor: AgentActor) -> None:
         agent_id = actor.agent_id
-        done = self._activations[agent_id] = anyio.Event()
-        try:
+        with self._transition(agent_id, "deactivating"):
             actor.deactivated = True
             actor.stop()  # idle: nothing is queued or running
             del self._agents[agent_id]
             self._retired[agent_id] = actor
+            self._deactivations += 1
+            # Queued before any later Activate of this agent (which waits for the mark):
+            # the store releases the old lease before taking up the new one.
             await self._storage.send(Deactivate(agent_id))
-        finally:
-            del self._activations[agent_id]
-            done.set()
 
     def _start(self, actor: AgentActor) -> None:
         self._task_group.start_soon(actor.run, name=f"troupe {actor.name}")
@@ -213,18 +265,22 @@ class Runtime:
     async def _add(
         self, agent_id: str, state: AgentState, request: AddAgent | ForkAgent
     ) -> AgentActor:
-        """Register a new agent (reserving its id before any await), store it, start it."""
-        actor = self._register(agent_id, state)
-        try:
-            # Shielded: the store and the runtime must agree on whether the agent exists.
-            with anyio.CancelScope(shield=True):
-                covered = await self._storage.call(request)
-        except BaseException:
-            self._unregister(agent_id)
-            raise
-        actor.cached = covered or 0
-        self._launch(actor)
-        return actor
+        """Register a new agent (reserving its id before any await), store it, start it.
+
+        Until it is started, the agent is in transition: not handed out, not retired.
+        """
+        with self._transition(agent_id, "adding"):
+            actor = self._register(agent_id, state)
+            try:
+                # Shielded: the store and the runtime must agree on whether the agent exists.
+                with anyio.CancelScope(shield=True):
+                    covered = await self._storage.call(request)
+            except BaseException:
+                self._unregister(agent_id)
+                raise
+            actor.cached = covered or 0
+            self._launch(actor)
+            return actor
 
     def _launch(self, actor: AgentActor) -> None:
         if self._closed:
@@ -263,6 +319,8 @@ class Runtime:
         return RuntimeStatistics(
             agents=len(self._ids),
             agents_active=len(self._agents),
+            activations=self._activations,
+            deactivations=self._deactivations,
             turns_in_flight=self._scheduler.in_flight,
             turns_completed=c.turns_completed,
             turns_failed=c.turns_failed,

@@ -19,7 +19,14 @@ from ._actor import Actor
 from ._embedded import SHAPES, embedded_model_path
 from ._errors import AgentExistsError, AgentNotFoundError, ModelLoadError, RuntimeClosedError
 from ._records import Message, RuntimeStatistics, TurnCounters
-from ._validate import check_id, check_str, parse_bytes
+from ._validate import (
+    check_id,
+    check_int,
+    check_path,
+    check_seconds,
+    check_str,
+    parse_bytes,
+)
 from .actors._agent import Agent, AgentActor, AgentState, Services, chat_messages
 from .actors._engine import BUSY_TRIM_FLOOR, Engine
 from .actors._mlx import ModelInfo
@@ -34,14 +41,19 @@ DEFAULT_KV_BUDGET = "1GiB"
 DEFAULT_IDLE_TIMEOUT = 300.0
 # Turns admitted beyond the batch's rows: prefills ready to join as rows free up.
 PREFILL_SLACK = 8
+# Upper bounds that catch nonsense (a typo, a float turned int) before the model loads.
+MAX_BATCH_SIZE = 1024
+MAX_PREFILL_STEP_SIZE = 1 << 20  # no model's context is longer
+MAX_MAILBOX_SIZE = 1 << 16
 
-def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
+
+def _model_source(spec: str) -> Callable[[], Path]:
     """Where the model comes from; the returned function runs on the engine thread."""
-    spec = os.fspath(model)
     if spec == "embedded" or spec.startswith("embedded:"):
         size = spec.partition(":")[2] or "small"
         if size not in SHAPES:
-            raise ValueError(f"unknown embedded size {size!r}; use one of {sorted(SHAPES)}")
+            raise ValueError(f"model {spec!r}: unknown embedded size {size!r}; "
+                             f"use one of {sorted(SHAPES)}")
         return lambda: embedded_model_path(size)  # type: ignore[arg-type]
     path = Path(spec).expanduser()
     if not path.is_dir():
@@ -53,8 +65,8 @@ def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
     return lambda: path
 
 
-def _store_root(store: str | os.PathLike[str] | None) -> Path | None:
-    return Path(store).expanduser() if store is not None else None
+def _store_root(store: object) -> Path | None:
+    return None if store is None else Path(check_path(store, "store")).expanduser()
 
 
 _TransitionKind = Literal["adding", "activating", "deactivating"]
@@ -385,29 +397,25 @@ async def open_runtime(
     ``model``: ``"embedded"`` (the small embedded model, made on first use),
     ``"embedded:tiny"``, or a local MLX model directory. ``store``: a directory for the
     SQLite catalog and KV files (agents come back when it is reopened), or None to keep
-    everything in memory. Leaving the block cancels turns still in flight, persists
-    what was committed, joins every thread the runtime started and lets go of the
-    model's weights and the KV in memory.
+    everything in memory. Every option is checked before anything starts (ValueError or
+    TypeError, naming the option). Leaving the block cancels turns still in flight,
+    persists what was committed, joins every thread the runtime started and lets go of
+    the model's weights and the KV in memory.
     """
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-    if mailbox_size < 1:
-        raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size}")
+    # Every option is checked here, before the model loads or the store opens.
+    spec = check_path(model, "model")
+    root = _store_root(store)
+    max_batch_size = check_int(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE)
+    prefill_step_size = check_int(prefill_step_size, "prefill_step_size", 1,
+                                  MAX_PREFILL_STEP_SIZE)
+    mailbox_size = check_int(mailbox_size, "mailbox_size", 1, MAX_MAILBOX_SIZE)
     budget = parse_bytes(kv_budget, "kv_budget")
-    if idle_timeout is not None and (
-        isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float)
-        or not idle_timeout > 0
-    ):
-        raise ValueError(f"idle_timeout must be a number of seconds > 0 or None, "
-                         f"got {idle_timeout!r}")
+    idle_timeout = check_seconds(idle_timeout, "idle_timeout")
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
     if not 16 <= block_size <= 4096:
         raise ValueError(f"block_size must be in [16, 4096], got {block_size}")
-    source = _model_source(model)
-    root = _store_root(store)
+    source = _model_source(spec)
     # While the batch runs, the heap may hold as much free as the KV budget (its pages are
     # reused); past that the engine hands pages back. In `troupe bench scale` (64 MB budget)
     # the peak RSS went from 436-441 MB to 411-416 MB (two runs each, alternating); past

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import trio
 
 import troupe
-from conftest import TINY
+from conftest import PYTHON, TINY
 
 SURROGATE = "bad \ud800 text"
 
@@ -247,3 +248,32 @@ async def test_options_at_their_bounds_are_accepted(store: Path) -> None:
         assert (await (await rt.spawn("alice")).say("Hi", max_tokens=4)).tokens
     async with troupe.open_runtime(model=TINY, kv_budget=" 0.5 kb ", idle_timeout=None) as rt:
         assert rt.statistics().kv_budget == 500
+
+
+LONG_TURNS = """
+import warnings
+warnings.filterwarnings("ignore", message="troupe: MLX is using")  # the BLAS note
+import trio
+import troupe
+
+async def main() -> None:
+    async with troupe.open_runtime(model="embedded:tiny") as rt:
+        alice = await rt.spawn("alice")
+        for text in ("y" * 5_000, "y" * 10_000):  # tokenized in the short lane, the long
+            try:
+                await alice.say(text, max_tokens=4)
+            except troupe.ContextLengthError as exc:
+                print("refused", exc.needed > exc.limit)
+
+trio.run(main)
+"""
+
+
+def test_a_prompt_too_long_is_reported_by_troupe_alone(troupe_env: dict[str, str]) -> None:
+    # The tokenizer once warned on stderr about its own maximum length before troupe's
+    # ContextLengthError: a user saw both.
+    done = subprocess.run([PYTHON, "-c", LONG_TURNS], env=troupe_env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["refused True", "refused True"]
+    assert done.stderr == ""

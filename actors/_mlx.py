@@ -53,12 +53,20 @@ def _context_length(config: dict[str, Any]) -> int:
     return 4096
 
 
+# transformers' VERY_LARGE_INTEGER: a tokenizer's model_max_length when there is none.
+NO_LENGTH_LIMIT = int(1e30)
+
+
 class Tokenizer:
     """mlx-lm's tokenizer behind a typed surface. Not for concurrent use: one caller at a
     time per instance (``copy`` makes another)."""
 
     def __init__(self, wrapped: Any) -> None:
         self._wrapped = wrapped
+        if hasattr(wrapped, "model_max_length"):
+            # troupe checks prompts against the context itself (ContextLengthError): the
+            # tokenizer's own check only printed a warning on stderr before that error.
+            wrapped.model_max_length = NO_LENGTH_LIMIT  # mlx-lm forwards it to transformers
         self._has_template = bool(getattr(wrapped, "has_chat_template", False))
         try:
             vocab: dict[str, int] = wrapped.get_vocab()

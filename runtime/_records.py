@@ -132,6 +132,11 @@ class RuntimeStatistics:
     """Every agent, active or only in the store."""
     agents_active: int
     """Agents with an actor in memory (the others cost nothing until addressed)."""
+    activations: int
+    """Times a stored agent was brought back into memory (addressed after its retirement
+    for being idle, or after a reopen)."""
+    deactivations: int
+    """Times an agent idle for ``idle_timeout`` left memory."""
     turns_in_flight: int
     turns_completed: int
     turns_failed: int

@@ -5,19 +5,28 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import anyio.abc
+import attrs
 import trio.lowlevel
 
 from ._actor import Actor
 from ._embedded import SHAPES, embedded_model_path
 from ._errors import AgentExistsError, AgentNotFoundError, ModelLoadError, RuntimeClosedError
 from ._records import Message, RuntimeStatistics, TurnCounters
-from ._validate import check_id, check_str, parse_bytes
+from ._validate import (
+    check_id,
+    check_int,
+    check_path,
+    check_seconds,
+    check_str,
+    parse_bytes,
+)
 from .actors._agent import Agent, AgentActor, AgentState, Services, chat_messages
 from .actors._engine import BUSY_TRIM_FLOOR, Engine
 from .actors._mlx import ModelInfo
@@ -31,14 +40,19 @@ DEFAULT_KV_BUDGET = "1GiB"
 DEFAULT_IDLE_TIMEOUT = 300.0
 # Turns admitted beyond the batch's rows: prefills ready to join as rows free up.
 PREFILL_SLACK = 8
+# Upper bounds that catch nonsense (a typo, a float turned int) before the model loads.
+MAX_BATCH_SIZE = 1024
+MAX_PREFILL_STEP_SIZE = 1 << 20  # no model's context is longer
+MAX_MAILBOX_SIZE = 1 << 16
 
-def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
+
+def _model_source(spec: str) -> Callable[[], Path]:
     """Where the model comes from; the returned function runs on the engine thread."""
-    spec = os.fspath(model)
     if spec == "embedded" or spec.startswith("embedded:"):
         size = spec.partition(":")[2] or "small"
         if size not in SHAPES:
-            raise ValueError(f"unknown embedded size {size!r}; use one of {sorted(SHAPES)}")
+            raise ValueError(f"model {spec!r}: unknown embedded size {size!r}; "
+                             f"use one of {sorted(SHAPES)}")
         return lambda: embedded_model_path(size)  # type: ignore[arg-type]
     path = Path(spec).expanduser()
     if not path.is_dir():
@@ -50,8 +64,20 @@ def _model_source(model: str | os.PathLike[str]) -> Callable[[], Path]:
     return lambda: path
 
 
-def _store_root(store: str | os.PathLike[str] | None) -> Path | None:
-    return Path(store).expanduser() if store is not None else None
+def _store_root(store: object) -> Path | None:
+    return None if store is None else Path(check_path(store, "store")).expanduser()
+
+
+_TransitionKind = Literal["adding", "activating", "deactivating"]
+
+
+@attrs.define(eq=False)
+class _Transition:
+    """An agent being added, activated or deactivated: it is neither handed out nor
+    retired until ``done``, so that it never has two actors."""
+
+    kind: _TransitionKind
+    done: anyio.Event = attrs.field(factory=anyio.Event)
 
 
 class Runtime:
@@ -79,7 +105,9 @@ class Runtime:
         # Every agent, in spawn order; only the active ones have an actor (and a task).
         self._ids: dict[str, None] = dict.fromkeys(stored_ids)
         self._agents: dict[str, AgentActor] = {}
-        self._activations: dict[str, anyio.Event] = {}
+        self._transitions: dict[str, _Transition] = {}
+        self._activations = 0
+        self._deactivations = 0
         # Retired actors some handle still holds: their successor is linked on activation.
         self._retired: weakref.WeakValueDictionary[str, AgentActor] = (
             weakref.WeakValueDictionary()
@@ -124,21 +152,43 @@ class Runtime:
     def _handle(self, actor: AgentActor) -> Agent:
         return Agent(actor, self._activate)
 
-    async def _activate(self, agent_id: str) -> AgentActor:
-        """The agent's actor, reading it from the store first if it is not active."""
+    @contextmanager
+    def _transition(self, agent_id: str, kind: _TransitionKind) -> Iterator[None]:
+        """Mark ``agent_id`` as in ``kind`` of transition while the block runs.
+
+        Callers set it only where none is set (checked without an await in between).
+        """
+        if agent_id in self._transitions:
+            raise RuntimeError(f"agent {agent_id!r} is already "
+                               f"{self._transitions[agent_id].kind}")
+        mark = self._transitions[agent_id] = _Transition(kind)
+        try:
+            yield
+        finally:
+            # Only the task that set the mark removes it, never another task's mark.
+            if self._transitions.get(agent_id) is mark:
+                del self._transitions[agent_id]
+            mark.done.set()
+
+    async def _settled(self, agent_id: str) -> None:
+        """Wait until ``agent_id`` is in no transition (RuntimeClosedError once closed)."""
         while True:
             self._check_open()
-            actor = self._agents.get(agent_id)
-            if actor is not None:
-                return actor
-            pending = self._activations.get(agent_id)
-            if pending is None:
-                break
-            await pending.wait()  # another task is activating or deactivating it
+            transition = self._transitions.get(agent_id)
+            if transition is None:
+                return
+            await transition.done.wait()
+
+    async def _activate(self, agent_id: str) -> AgentActor:
+        """The agent's actor, reading it from the store first if it is not active."""
+        await self._settled(agent_id)
+        # No await from here to the mark: nobody else can start a transition meanwhile.
+        actor = self._agents.get(agent_id)
+        if actor is not None:
+            return actor
         if agent_id not in self._ids:
             raise AgentNotFoundError(f"no agent {agent_id!r}")
-        done = self._activations[agent_id] = anyio.Event()
-        try:
+        with self._transition(agent_id, "activating"):
             # Shielded: the lease taken in the store must end up with a running actor.
             with anyio.CancelScope(shield=True):
                 record = await self._storage.call(Activate(agent_id))
@@ -147,6 +197,7 @@ class Runtime:
             actor = AgentActor(agent_id, AgentState.from_record(record), self._services,
                                self._mailbox_size)
             self._agents[agent_id] = actor
+            self._activations += 1
             retired = self._retired.pop(agent_id, None)
             if retired is not None:
                 retired.successor = actor
@@ -154,34 +205,47 @@ class Runtime:
             if not self._closed:
                 # Addressed now, likely to speak soon: its KV starts coming back from disk.
                 await actor.prefetch()
+            # Idle from now on, not from before the prefetch waited for the store.
+            actor.last_active = anyio.current_time()
             return actor
-        finally:
-            del self._activations[agent_id]
-            done.set()
 
     @trio.lowlevel.enable_ki_protection  # like the actors: see Actor.run
     async def _reap(self, idle_timeout: float) -> None:
-        """Deactivate agents idle for ``idle_timeout`` seconds (their state is stored)."""
+        """Deactivate agents idle for ``idle_timeout`` seconds (their state is stored).
+
+        It runs as long as the runtime: a failure to retire one agent is logged and the
+        agent stays active (only cancellation ends it).
+        """
         with self._reaper:
             while True:
                 await anyio.sleep(idle_timeout / 4)
                 now = anyio.current_time()
                 for actor in list(self._agents.values()):
-                    if actor.idle and now - actor.last_active >= idle_timeout:
+                    if not self._retirable(actor, now, idle_timeout):
+                        continue
+                    try:
                         await self._deactivate(actor)
+                    except Exception:
+                        logger.exception("could not deactivate agent %r", actor.agent_id)
+
+    def _retirable(self, actor: AgentActor, now: float, idle_timeout: float) -> bool:
+        # Checked again for each actor: deactivating the ones before it awaited.
+        agent_id = actor.agent_id
+        return (not self._closed and self._agents.get(agent_id) is actor
+                and agent_id not in self._transitions
+                and actor.idle and now - actor.last_active >= idle_timeout)
 
     async def _deactivate(self, actor: AgentActor) -> None:
         agent_id = actor.agent_id
-        done = self._activations[agent_id] = anyio.Event()
-        try:
+        with self._transition(agent_id, "deactivating"):
             actor.deactivated = True
             actor.stop()  # idle: nothing is queued or running
             del self._agents[agent_id]
             self._retired[agent_id] = actor
+            self._deactivations += 1
+            # Queued before any later Activate of this agent (which waits for the mark):
+            # the store releases the old lease before taking up the new one.
             await self._storage.send(Deactivate(agent_id))
-        finally:
-            del self._activations[agent_id]
-            done.set()
 
     def _start(self, actor: AgentActor) -> None:
         self._task_group.start_soon(actor.run, name=f"troupe {actor.name}")
@@ -212,18 +276,22 @@ class Runtime:
     async def _add(
         self, agent_id: str, state: AgentState, request: AddAgent | ForkAgent
     ) -> AgentActor:
-        """Register a new agent (reserving its id before any await), store it, start it."""
-        actor = self._register(agent_id, state)
-        try:
-            # Shielded: the store and the runtime must agree on whether the agent exists.
-            with anyio.CancelScope(shield=True):
-                covered = await self._storage.call(request)
-        except BaseException:
-            self._unregister(agent_id)
-            raise
-        actor.cached = covered or 0
-        self._launch(actor)
-        return actor
+        """Register a new agent (reserving its id before any await), store it, start it.
+
+        Until it is started, the agent is in transition: not handed out, not retired.
+        """
+        with self._transition(agent_id, "adding"):
+            actor = self._register(agent_id, state)
+            try:
+                # Shielded: the store and the runtime must agree on whether the agent exists.
+                with anyio.CancelScope(shield=True):
+                    covered = await self._storage.call(request)
+            except BaseException:
+                self._unregister(agent_id)
+                raise
+            actor.cached = covered or 0
+            self._launch(actor)
+            return actor
 
     def _launch(self, actor: AgentActor) -> None:
         if self._closed:
@@ -262,6 +330,8 @@ class Runtime:
         return RuntimeStatistics(
             agents=len(self._ids),
             agents_active=len(self._agents),
+            activations=self._activations,
+            deactivations=self._deactivations,
             turns_in_flight=self._scheduler.in_flight,
             turns_completed=c.turns_completed,
             turns_failed=c.turns_failed,
@@ -326,34 +396,26 @@ async def open_runtime(
     ``model``: ``"embedded"`` (the small embedded model, made on first use),
     ``"embedded:tiny"``, or a local MLX model directory. ``store``: a directory for the
     SQLite catalog and KV files (agents come back when it is reopened), or None to keep
-    everything in memory. Leaving the block cancels turns still in flight, persists
-    what was committed, joins every thread the runtime started and lets go of the
-    model's weights and the KV in memory.
+    everything in memory. Every option is checked before anything starts (ValueError or
+    TypeError, naming the option). Leaving the block cancels turns still in flight,
+    persists what was committed, joins every thread the runtime started and lets go of
+    the model's weights and the KV in memory.
 
     ``block_size``: tokens per KV block; None takes the store's (a store keeps the size
     it was made with, and refuses another with StoreError), else 128.
     """
-    if max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-    if prefill_step_size < 1:
-        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}")
-    if mailbox_size < 1:
-        raise ValueError(f"mailbox_size must be >= 1, got {mailbox_size}")
-    budget = parse_bytes(kv_budget, "kv_budget")
-    if idle_timeout is not None and (
-        isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float)
-        or not idle_timeout > 0
-    ):
-        raise ValueError(f"idle_timeout must be a number of seconds > 0 or None, "
-                         f"got {idle_timeout!r}")
-    if block_size is not None:
-        if isinstance(block_size, bool) or not isinstance(block_size, int):
-            raise TypeError(f"block_size must be an int or None, got "
-                            f"{type(block_size).__name__}")
-        if not 16 <= block_size <= 4096:
-            raise ValueError(f"block_size must be in [16, 4096], got {block_size}")
-    source = _model_source(model)
+    # Every option is checked here, before the model loads or the store opens.
+    spec = check_path(model, "model")
     root = _store_root(store)
+    max_batch_size = check_int(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE)
+    prefill_step_size = check_int(prefill_step_size, "prefill_step_size", 1,
+                                  MAX_PREFILL_STEP_SIZE)
+    mailbox_size = check_int(mailbox_size, "mailbox_size", 1, MAX_MAILBOX_SIZE)
+    budget = parse_bytes(kv_budget, "kv_budget")
+    idle_timeout = check_seconds(idle_timeout, "idle_timeout")
+    if block_size is not None:
+        block_size = check_int(block_size, "block_size", 16, 4096)
+    source = _model_source(spec)
     # While the batch runs, the heap may hold as much free as the KV budget (its pages are
     # reused); past that the engine hands pages back. In `troupe bench scale` (64 MB budget)
     # the peak RSS went from 436-441 MB to 411-416 MB (two runs each, alternating); past

@@ -74,6 +74,9 @@ MORE_BAD_ARGUMENTS = [
     (["bench", "--max-tokens", "100000"], "--max-tokens"),
     (["bench", "--context", "2"], "--context"),
     (["bench", "--context", str(10**9)], "--context"),
+    (["bench", "scale", "--budget", "9" * 400 + "MB"], "--budget"),  # once a traceback
+    (["bench", "scale", "--budget", "8EiB"], "--budget"),
+    (["bench", "scale", "--budget", "4611686018427387905"], "--budget"),  # 2**62 + 1
 ]
 
 

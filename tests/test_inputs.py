@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 import troupe
-from conftest import TINY
+from conftest import PYTHON, TINY
 
 SURROGATE = "bad \ud800 text"
 
@@ -169,3 +173,107 @@ async def test_a_cancelled_turn_is_recorded_whole_or_not_at_all(store: Path) -> 
             assert (await rt.get(agent_id)).transcript() == transcript
             assert transcript in ((), (troupe.Message("user", "Tell me a story."),
                                        troupe.Message("assistant", full)))
+
+
+# Each bad option, and the error it must raise (its message naming the option).
+BAD_OPTIONS: list[tuple[str, object, type[Exception]]] = [
+    ("model", "", ValueError),
+    ("model", None, TypeError),
+    ("model", 3, TypeError),
+    ("store", "", ValueError),  # once a store in the current directory
+    ("store", "  ", ValueError),
+    ("store", "a\0b", ValueError),
+    ("store", 5, TypeError),
+    ("store", b"dir", TypeError),
+    ("max_batch_size", 0, ValueError),
+    ("max_batch_size", 10**6, ValueError),
+    ("max_batch_size", 2.5, TypeError),  # once failed inside anyio
+    ("max_batch_size", True, TypeError),
+    ("prefill_step_size", 0, ValueError),
+    ("prefill_step_size", 10**12, ValueError),
+    ("prefill_step_size", 1.5, TypeError),  # once killed the engine thread at the first turn
+    ("prefill_step_size", math.nan, TypeError),
+    ("prefill_step_size", math.inf, TypeError),
+    ("mailbox_size", 0, ValueError),
+    ("mailbox_size", 10**9, ValueError),
+    ("mailbox_size", 2.5, TypeError),
+    ("mailbox_size", math.inf, TypeError),
+    ("kv_budget", "9" * 400 + "MB", ValueError),  # once an OverflowError
+    ("kv_budget", "8EiB", ValueError),
+    ("kv_budget", "4611686018427387905", ValueError),  # 2**62 + 1 bytes
+    ("kv_budget", 2**62 + 1, ValueError),
+    ("kv_budget", 10**5000, ValueError),  # too long to print: the message sizes it
+    ("kv_budget", -1, ValueError),
+    ("kv_budget", "1." + "0" * 40 + "1GB", ValueError),
+    ("kv_budget", 1.5e9, TypeError),
+    ("idle_timeout", math.inf, ValueError),  # once accepted
+    ("idle_timeout", math.nan, ValueError),
+    ("idle_timeout", 0, ValueError),
+    ("idle_timeout", -1.0, ValueError),
+    ("idle_timeout", 10**400, ValueError),  # beyond any float
+    ("idle_timeout", True, TypeError),
+    ("idle_timeout", "60", TypeError),
+    ("block_size", 8, ValueError),
+    ("block_size", 16.0, TypeError),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "error"), BAD_OPTIONS,
+                         ids=[f"{o}-{i}" for i, (o, _, _) in enumerate(BAD_OPTIONS)])
+async def test_bad_options_are_refused_before_anything_starts(
+    option: str, value: object, error: type[Exception], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    # A model that cannot load and a store not yet made: the option is refused first.
+    options: dict[str, Any] = {"model": tmp_path / "no-model", "store": tmp_path / "store",
+                               option: value}
+    with pytest.raises(error, match=option) as refused:
+        async with troupe.open_runtime(**options):
+            pass
+    assert len(str(refused.value)) < 200
+    assert list(here.iterdir()) == []
+    assert not (tmp_path / "store").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith("troupe")]
+
+
+async def test_options_at_their_bounds_are_accepted(store: Path) -> None:
+    async with troupe.open_runtime(
+        model=TINY, store=str(store), max_batch_size=1024, prefill_step_size=1 << 20,
+        mailbox_size=1 << 16, kv_budget="1.5GiB", idle_timeout=10**9,
+    ) as rt:
+        assert rt.statistics().kv_budget == 3 * 2**29
+        assert (await (await rt.spawn("alice")).say("Hi", max_tokens=4)).tokens
+    async with troupe.open_runtime(model=TINY, kv_budget=" 0.5 kb ", idle_timeout=None) as rt:
+        assert rt.statistics().kv_budget == 500
+
+
+LONG_TURNS = """
+import warnings
+warnings.filterwarnings("ignore", message="troupe: MLX is using")  # the BLAS note
+import trio
+import troupe
+
+async def main() -> None:
+    async with troupe.open_runtime(model="embedded:tiny") as rt:
+        alice = await rt.spawn("alice")
+        for text in ("y" * 5_000, "y" * 10_000):  # tokenized in the short lane, the long
+            try:
+                await alice.say(text, max_tokens=4)
+            except troupe.ContextLengthError as exc:
+                print("refused", exc.needed > exc.limit)
+
+trio.run(main)
+"""
+
+
+def test_a_prompt_too_long_is_reported_by_troupe_alone(troupe_env: dict[str, str]) -> None:
+    # The tokenizer once warned on stderr about its own maximum length before troupe's
+    # ContextLengthError: a user saw both.
+    done = subprocess.run([PYTHON, "-c", LONG_TURNS], env=troupe_env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["refused True", "refused True"]
+    assert done.stderr == ""

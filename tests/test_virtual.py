@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import trio
@@ -13,6 +14,7 @@ import trio.testing
 
 import troupe
 from conftest import TINY
+from troupe.actors._agent import AgentActor
 from troupe.storage._catalog import agent_checksum, message_checksum
 
 
@@ -113,3 +115,114 @@ async def test_idle_agents_are_deactivated_and_come_back(
     assert first.tokens == expected[0].tokens
     assert second.tokens == expected[1].tokens
     assert second.cached_tokens == expected[1].cached_tokens  # its KV stayed in the tiers
+
+
+class _OneActorPerAgent(trio.abc.Instrument):
+    """After every task step: no agent has two actors that are not retired.
+
+    There is no public view of the actors behind an agent, so this reads the runtime's
+    private table of active actors and remembers every actor it saw there.
+    """
+
+    def __init__(self, rt: troupe.Runtime) -> None:
+        self._rt = rt
+        self._live: dict[str, list[AgentActor]] = {}
+        self.twice: set[str] = set()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        for agent_id, actor in list(self._rt._agents.items()):
+            live = self._live.setdefault(agent_id, [])
+            if actor not in live:
+                live.append(actor)
+        for agent_id, actors in self._live.items():
+            actors[:] = [a for a in actors if not a.deactivated]
+            if len(actors) > 1:
+                self.twice.add(agent_id)
+
+
+async def test_activations_and_the_reaper_race_without_harm(
+    store: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # The clock jumps to the reaper's next wake-up whenever every task waits (on the
+    # engine, the store's thread, a full mailbox): agents are retired between any two
+    # calls, while they are being spawned, forked or activated. Mailboxes of one make
+    # activations wait for room in the store's mailbox, with the reaper running meanwhile.
+    mock_clock.autojump_threshold = 0
+    base = [f"a{i}" for i in range(3)]
+    rounds = 3
+    # Per agent: each call's (told, asked, reply), in any order.
+    sent: dict[str, list[tuple[str, str, str]]] = {}
+    forks = {f"{agent_id}-fork": agent_id for agent_id in base}
+
+    async def converse(rt: troupe.Runtime, agent_id: str, caller: str) -> None:
+        agent = await rt.get(agent_id)
+        told, asked = f"{caller} tells", f"{caller} asks"
+        await agent.tell(told)
+        reply = await (await rt.get(agent_id)).say(asked, max_tokens=2)
+        sent.setdefault(agent_id, []).append((told, asked, reply.text))
+
+    async def spawn(rt: troupe.Runtime, agent_id: str) -> None:
+        async with trio.open_nursery() as nursery:
+            await rt.spawn(agent_id, system=f"You are {agent_id}.")
+            for c in range(2):
+                nursery.start_soon(converse, rt, agent_id, f"c{c} 0")
+
+    async def fork(rt: troupe.Runtime, source: str, new_id: str) -> None:
+        await (await rt.get(source)).fork(new_id)
+        await converse(rt, new_id, "forker 1")
+
+    async def play(rt: troupe.Runtime, r: int) -> None:
+        # Every agent is addressed by several tasks at once, most often while retired.
+        async with trio.open_nursery() as nursery:
+            for agent_id in base:
+                if r == 0:
+                    nursery.start_soon(spawn, rt, agent_id)
+                    continue
+                for c in range(2):
+                    nursery.start_soon(converse, rt, agent_id, f"c{c} {r}")
+                if r == 1:
+                    nursery.start_soon(fork, rt, agent_id, f"{agent_id}-fork")
+                else:
+                    nursery.start_soon(converse, rt, f"{agent_id}-fork", f"f {r}")
+
+    async with troupe.open_runtime(model=TINY, store=store, idle_timeout=0.001,
+                                   mailbox_size=1) as rt:
+        watch = _OneActorPerAgent(rt)
+        trio.lowlevel.add_instrument(watch)
+        try:
+            for r in range(rounds):
+                await play(rt, r)
+                # Between rounds, the reaper retires every agent: the next round's calls
+                # all activate them again, concurrently.
+                for _ in range(100):
+                    if not rt.statistics().agents_active:
+                        break
+                    mock_clock.jump(1)
+                    await trio.testing.wait_all_tasks_blocked()
+                assert rt.statistics().agents_active == 0
+        finally:
+            trio.lowlevel.remove_instrument(watch)
+        stats = rt.statistics()
+        transcripts = {a: (await rt.get(a)).transcript() for a in rt.agent_ids()}
+    assert watch.twice == set()
+    # Every round after the first found every agent retired, and the last left none active.
+    assert stats.activations >= (rounds - 1) * len(base)
+    assert stats.deactivations == len(base) + len(forks) + stats.activations
+    assert sorted(transcripts) == sorted([*base, *forks])
+    for agent_id, transcript in transcripts.items():
+        calls = sent[agent_id]
+        own = transcript
+        if agent_id in forks:
+            # A fork starts with what its source had then: a prefix of the source's.
+            copied = len(transcript) - 3 * len(calls)
+            assert transcript[:copied] == transcripts[forks[agent_id]][:copied]
+            own = transcript[copied:]
+        expected = [troupe.Message(role, text) for told, asked, reply in calls
+                    for role, text in (("user", told), ("user", asked), ("assistant", reply))]
+        assert Counter(own) == Counter(expected)
+        for told, asked, reply in calls:  # a caller's tell, then its question and reply
+            at = own.index(troupe.Message("user", asked))
+            assert own.index(troupe.Message("user", told)) < at
+            assert own[at + 1] == troupe.Message("assistant", reply)
+    async with troupe.open_runtime(model=TINY, store=store) as rt:
+        assert {a: (await rt.get(a)).transcript() for a in rt.agent_ids()} == transcripts

@@ -1,4 +1,4 @@
-"""troupe.actors: the agent, scheduler and storage actors, and the MLX engine thread."""
+"""troupe.actors: the agent and storage actors, and the MLX engine and its thread."""
 
 from ._agent import Agent, ReplyStream
 from ._mlx import ModelInfo

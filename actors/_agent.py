@@ -2,7 +2,7 @@
 
 An agent owns its transcript; its KV lives in blocks the storage actor owns, on a lease. A
 turn renders the chat template, checks out the longest prefix of the prompt that known
-blocks cover (its own, or any agent's), sends only the rest to the scheduler, publishes the
+blocks cover (its own, or any agent's), starts only the rest in the engine, publishes the
 prompt's new blocks once prefilled (for turns waiting on them), and commits the blocks the
 turn completed. One agent's turns run one at a time, in the order they came.
 """
@@ -32,10 +32,9 @@ from .._errors import (
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
 from .._validate import check_id, check_message
 from ..storage._catalog import AgentRecord
-from ._engine import CutKV, FinishEvent, PromptEvent
+from ._engine import CutKV, Engine, FinishEvent, PromptEvent, TurnChannel
 from ._mlx import ModelInfo
 from ._renderer import Renderer
-from ._scheduler import Scheduler, StartTurn, TurnChannel
 from ._storage import NO_PREFIX, Checkout, Commit, Install, Prefetch, Prefix, Publish, Storage
 
 logger = logging.getLogger("troupe")
@@ -85,7 +84,7 @@ class Services:
 
     renderer: Renderer
     info: ModelInfo
-    scheduler: Scheduler
+    engine: Engine
     storage: Storage
     counters: TurnCounters
     admission: anyio.CapacityLimiter
@@ -187,12 +186,10 @@ class AgentActor(Actor):
                 with anyio.CancelScope(shield=True):
                     prefix = await storage.call(Install(self.agent_id, prefix, loaded))
             seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
-            start = StartTurn(prompt[prefix.tokens :], prompt[: prefix.tokens], prefix.cached,
-                              turn.sampling, seed, storage.block_size,
-                              services.info.persistable_cache)
-            # Shielded: once the engine has the turn, we must hold the channel to end it.
-            with anyio.CancelScope(shield=True):
-                channel = await services.scheduler.call(start)
+            # No await between here and following the channel: we hold it to end the turn.
+            channel = services.engine.start_turn(
+                prompt[prefix.tokens :], prompt[: prefix.tokens], prefix.cached,
+                turn.sampling, seed, storage.block_size, services.info.persistable_cache)
             finish, text = await self._follow(channel, turn.deltas, prefix)
             if finish.error is not None:
                 services.counters.turns_failed += 1

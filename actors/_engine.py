@@ -1,15 +1,19 @@
-"""The MLX engine thread: the only thread that touches MLX.
+"""The MLX engine: the model, its batch, and the one thread that touches MLX.
 
-It owns the model and mlx-lm's BatchGenerator, takes commands from a thread-safe queue,
-and steps the batch while any sequence is in flight. Each step's tokens go back to the
-event loop in one hop (``anyio.from_thread.run_sync``), so the loop never waits on MLX.
+The engine thread owns the model and mlx-lm's BatchGenerator, takes typed commands from a
+thread-safe queue, and steps the batch while any turn is in flight. ``start_turn`` puts a
+turn in and returns its ``TurnChannel``; each step's events go back to the event loop in
+one hop (``anyio.from_thread.run_sync``) and are routed there to their turns' channels, so
+the loop never waits on MLX and no actor stands between a turn and the engine.
 """
 
 from __future__ import annotations
 
 import _thread
 import contextlib
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -23,6 +27,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import attrs
 import trio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._errors import EngineError, RuntimeClosedError
 from .._records import Sampling
@@ -158,10 +163,55 @@ class _Outcome(Generic[T]):
     value: Any = None
     error: BaseException | None = None
 
-    @trio.lowlevel.enable_ki_protection  # runs on the loop; see Scheduler._deliver
+    @trio.lowlevel.enable_ki_protection  # runs on the loop; see Engine._route
     def set(self, value: Any, error: BaseException | None) -> None:
         self.value, self.error = value, error
         self.done.set()
+
+
+# The engine thread's commands.
+
+
+@attrs.frozen
+class _Insert:
+    """Put a turn in the batch."""
+
+    spec: SequenceSpec
+
+
+@attrs.frozen
+class _Cancel:
+    """Take a turn out of the batch (its FinishEvent says "cancelled")."""
+
+    key: int
+
+
+@attrs.frozen(eq=False)
+class _Call:
+    """Run ``fn`` on the engine thread between steps; its result goes to ``outcome``."""
+
+    fn: Callable[[], Any]
+    outcome: _Outcome[Any]
+
+
+@attrs.frozen
+class _Stop:
+    """End the thread: every turn in flight is cancelled."""
+
+
+_Command = _Insert | _Cancel | _Call | _Stop
+
+
+@attrs.define(eq=False)
+class TurnChannel:
+    """A turn in the engine: its events arrive on ``events``; ``cancel()`` takes it out."""
+
+    key: int
+    events: MemoryObjectReceiveStream[Event]
+    _engine: Engine
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.key)
 
 
 @attrs.define
@@ -171,8 +221,6 @@ class EngineCounters:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
 
-
-_STOP = object()
 
 IDLE_TRIM_SECONDS = 1.0
 """How long the engine waits with nothing to do before it hands the heap's free pages
@@ -195,19 +243,21 @@ class Engine:
         """Free heap bytes past which a busy engine trims (None: only when idle)."""
         self._max_batch_size = max_batch_size
         self._prefill_step_size = prefill_step_size
-        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="troupe-mlx", daemon=True)
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._sequences: dict[int, _Sequence] = {}
         self._by_uid: dict[int, _Sequence] = {}
         self._model: LoadedModel | None = None
         self._batch: Batch | None = None
-        self.deliver: Callable[[list[Event]], None] = lambda events: None
+        self._keys = itertools.count(1)
+        self._routes: dict[int, MemoryObjectSendStream[Event]] = {}
+        """The channel of each turn in flight, by key: touched only on the event loop."""
         self.counters = EngineCounters()
         self.failure: BaseException | None = None
         self._gate = threading.Lock()
         self._closed = False
-        self._leftover: list[Any] = []
+        self._leftover: list[_Command] = []
 
     # -- event loop side
 
@@ -223,32 +273,67 @@ class Engine:
         self._thread.start()
         return await self.run(self._load)
 
+    @property
+    def in_flight(self) -> int:
+        """Turns started and not yet finished."""
+        return len(self._routes)
+
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between batch steps and return its result."""
         outcome: _Outcome[T] = _Outcome()
-        self._put((fn, outcome))
+        self._put(_Call(fn, outcome))
         await outcome.done.wait()
         if outcome.error is not None:
             raise outcome.error
         result: T = outcome.value
         return result
 
-    def insert(self, spec: SequenceSpec) -> None:
-        """Queue a turn; its events go to ``deliver``, ending with one FinishEvent."""
-        self._put(spec)
+    def start_turn(
+        self, prompt: list[int], history: list[int], prefix: CachedPrefix | None,
+        sampling: Sampling, seed: int, block_size: int, cut: bool,
+    ) -> TurnChannel:
+        """Put a turn in the batch (on the event loop, no await): its events arrive on the
+        channel returned, ending with one FinishEvent. ``prefix`` covers ``history``."""
+        key = next(self._keys)
+        # Unbounded: a turn's events are bounded by its max_tokens, and the engine must
+        # never wait on a slow reader.
+        send, receive = anyio.create_memory_object_stream[Event](math.inf)
+        self._routes[key] = send
+        try:
+            self._put(_Insert(SequenceSpec(key, prompt, history, prefix, sampling, seed,
+                                           block_size, cut)))
+        except BaseException:
+            del self._routes[key]  # the engine is gone: nothing will come
+            raise
+        return TurnChannel(key, receive, self)
 
     def cancel(self, key: int) -> None:
         with contextlib.suppress(RuntimeClosedError):
-            self._put(("cancel", key))
+            self._put(_Cancel(key))
 
     async def stop(self) -> None:
         """Cancel what is in flight, end the thread and join it."""
         with contextlib.suppress(RuntimeClosedError):
-            self._put(_STOP)
+            self._put(_Stop())
         if self._thread.is_alive():
             await anyio.to_thread.run_sync(self._thread.join, abandon_on_cancel=False)
 
-    def _put(self, command: Any) -> None:
+    # KI-protected: trio runs it unprotected otherwise, and a Ctrl-C in mid-delivery would
+    # lose events that turns wait for.
+    @trio.lowlevel.enable_ki_protection
+    def _route(self, events: list[Event]) -> None:
+        # Runs on the event loop, called from the engine thread once per batch step.
+        for event in events:
+            route = self._routes.get(event.key)
+            if route is None:
+                continue
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                route.send_nowait(event)
+            if isinstance(event, FinishEvent):
+                del self._routes[event.key]
+                route.close()
+
+    def _put(self, command: _Command) -> None:
         # Under the gate, so nothing slips into the queue after the thread's final drain.
         with self._gate:
             if self._closed:
@@ -328,7 +413,7 @@ class Engine:
                 except queue.Empty:
                     break
             for i, command in enumerate(commands):
-                if command is _STOP:
+                if isinstance(command, _Stop):
                     self._leftover = commands[i + 1 :]
                     return
                 self._execute(command)
@@ -340,32 +425,37 @@ class Engine:
                     look_at = now + BUSY_TRIM_SECONDS
                     trim_heap_above(self._trim_above)
 
-    def _refuse(self, command: Any, error: EngineError | None) -> None:
-        if isinstance(command, SequenceSpec):
-            # The turn's prefix stays with its owner: nothing new to hand back.
-            event = FinishEvent(command.key, "cancelled", "", (), None, error=error)
-            self._to_loop(self.deliver, [event])
-        elif isinstance(command, tuple) and isinstance(command[1], _Outcome):
-            if error is None:
-                self._call(*command)
-            else:
-                self._to_loop(command[1].set, None, error)
+    def _refuse(self, command: _Command, error: EngineError | None) -> None:
+        match command:
+            case _Insert(spec):
+                # The turn's prefix stays with its owner: nothing new to hand back.
+                event = FinishEvent(spec.key, "cancelled", "", (), None, error=error)
+                self._to_loop(self._route, [event])
+            case _Call(_, outcome) if error is not None:
+                self._to_loop(outcome.set, None, error)
+            case _Call():
+                self._call(command)
+            case _Cancel() | _Stop():
+                pass
 
-    def _execute(self, command: Any) -> None:
-        if isinstance(command, SequenceSpec):
-            self._insert(command)
-        elif isinstance(command[1], _Outcome):
-            self._call(*command)
-        else:
-            self._cancel(command[1])
+    def _execute(self, command: _Command) -> None:
+        match command:
+            case _Insert(spec):
+                self._insert(spec)
+            case _Call():
+                self._call(command)
+            case _Cancel(key):
+                self._cancel(key)
+            case _Stop():
+                raise AssertionError("_serve handles _Stop")
 
-    def _call(self, fn: Callable[[], Any], outcome: _Outcome[Any]) -> None:
+    def _call(self, call: _Call) -> None:
         try:
-            value = fn()
+            value = call.fn()
         except Exception as exc:
-            self._to_loop(outcome.set, None, exc)
+            self._to_loop(call.outcome.set, None, exc)
         else:
-            self._to_loop(outcome.set, value, None)
+            self._to_loop(call.outcome.set, value, None)
 
     def _insert(self, spec: SequenceSpec) -> None:
         assert self._batch is not None
@@ -393,7 +483,7 @@ class Engine:
                 make_sampler(spec.sampling, spec.seed), spec.sampling.max_tokens,
             )
         except Exception as exc:
-            self._to_loop(self.deliver, [self._failed(spec, exc)])
+            self._to_loop(self._route, [self._failed(spec, exc)])
             return
         sequence = _Sequence(spec, uid, len(history), TextStream(self._model.tokenizer))
         self._sequences[spec.key] = sequence
@@ -412,7 +502,7 @@ class Engine:
             return
         assert self._batch is not None
         removed = self._batch.remove(sequence.uid)
-        self._to_loop(self.deliver, [self._close(sequence, "cancelled", removed, "")])
+        self._to_loop(self._route, [self._close(sequence, "cancelled", removed, "")])
 
     def _close(
         self,
@@ -486,7 +576,7 @@ class Engine:
             if published is not None:
                 events.append(published)
         if events:
-            self._to_loop(self.deliver, events)
+            self._to_loop(self._route, events)
 
     def _advance(self, sequence: _Sequence, output: StepOutput) -> Event:
         assert self._model is not None
@@ -526,7 +616,7 @@ class Engine:
             reason = "cancelled" if error is None else "error"
             events.append(self._close(sequence, reason, removed, "", error))
         if events:
-            self._to_loop(self.deliver, events)
+            self._to_loop(self._route, events)
 
 
 def _split_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -31,7 +31,6 @@ from .actors._agent import Agent, AgentActor, AgentState, Services, chat_message
 from .actors._engine import BUSY_TRIM_FLOOR, Engine
 from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
-from .actors._scheduler import Scheduler
 from .actors._storage import Activate, AddAgent, Deactivate, ForkAgent, Storage
 
 logger = logging.getLogger("troupe")
@@ -81,7 +80,7 @@ class _Transition:
 
 
 class Runtime:
-    """A running troupe: one model, one scheduler, one store, many agents.
+    """A running troupe: one model and its engine, one store, many agents.
 
     Made by ``open_runtime``; usable until its ``async with`` block ends.
     """
@@ -90,7 +89,6 @@ class Runtime:
         self,
         task_group: anyio.abc.TaskGroup,
         engine: Engine,
-        scheduler: Scheduler,
         storage: Storage,
         services: Services,
         mailbox_size: int,
@@ -98,7 +96,6 @@ class Runtime:
     ) -> None:
         self._task_group = task_group
         self._engine = engine
-        self._scheduler = scheduler
         self._storage = storage
         self._services = services
         self._mailbox_size = mailbox_size
@@ -332,7 +329,7 @@ class Runtime:
             agents_active=len(self._agents),
             activations=self._activations,
             deactivations=self._deactivations,
-            turns_in_flight=self._scheduler.in_flight,
+            turns_in_flight=self._engine.in_flight,
             turns_completed=c.turns_completed,
             turns_failed=c.turns_failed,
             turns_cancelled=c.turns_cancelled,
@@ -368,9 +365,8 @@ class Runtime:
             actor.stop()
         for actor in actors:
             await actor.finished.wait()
-        for actor in (self._scheduler, self._storage):
-            actor.stop()
-            await actor.finished.wait()
+        self._storage.stop()
+        await self._storage.finished.wait()
         await self._engine.stop()
         await self._storage.aclose()
 
@@ -441,18 +437,16 @@ async def open_runtime(
                     await engine.stop()
                     await storage.aclose()
                 raise
-            scheduler = Scheduler(engine, mailbox_size)
             services = Services(
                 renderer=Renderer(engine.model.tokenizer, info.context_length), info=info,
-                scheduler=scheduler, storage=storage, counters=TurnCounters(),
+                engine=engine, storage=storage, counters=TurnCounters(),
                 # Only admitted turns pin KV: the batch's rows and prefills about to join.
                 admission=anyio.CapacityLimiter(max_batch_size + PREFILL_SLACK),
                 adopt_fork=_unbound_fork,
             )
-            runtime = Runtime(task_group, engine, scheduler, storage, services, mailbox_size,
+            runtime = Runtime(task_group, engine, storage, services, mailbox_size,
                               stored_ids)
             services.adopt_fork = runtime._adopt_fork
-            task_group.start_soon(scheduler.run, name="troupe scheduler")
             task_group.start_soon(storage.run, name="troupe storage")
             if root is not None and idle_timeout is not None:
                 task_group.start_soon(runtime._reap, idle_timeout, name="troupe reaper")

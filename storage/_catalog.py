@@ -21,7 +21,7 @@ import attrs
 
 from .._errors import AgentExistsError, StoreError
 from ._blocks import BLOCK_FORMAT, KVFile, block_file_name
-from ._faults import store_error
+from ._faults import confirm_durable, store_error
 
 SCHEMA_VERSION = 3
 
@@ -124,12 +124,17 @@ class Catalog:
     async def _transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
         try:
             yield self._db
+            wrote = self._db.in_transaction
             await self._db.commit()
         except sqlite3.Error as exc:
             # Nothing was begun, or the connection will say so on the next call.
             with contextlib.suppress(sqlite3.Error):
                 await self._db.rollback()
             raise store_error(self._path, action, exc) from exc
+        if wrote:
+            # The WAL's fsync said yes; a file system that failed meanwhile may not have
+            # kept it (confirm_durable), and a caller told "done" relies on it.
+            confirm_durable(self._path, action)
 
     @classmethod
     async def open(cls, path: Path, model_key: str) -> tuple[Catalog, bool]:

@@ -21,7 +21,7 @@ import attrs
 
 from .._errors import AgentExistsError, StoreError
 from ._blocks import BLOCK_FORMAT, KVFile, block_file_name
-from ._faults import confirm_durable, store_error
+from ._faults import failed_since_sync, store_error
 
 SCHEMA_VERSION = 3
 
@@ -119,9 +119,13 @@ class Catalog:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self._path = path
+        self._stopped: str | None = None
 
     @asynccontextmanager
     async def _transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
+        if self._stopped is not None:
+            raise StoreError(f"cannot {action} {self._path}: {self._stopped}; the store is "
+                             f"stopped until it is reopened")
         try:
             yield self._db
             wrote = self._db.in_transaction
@@ -131,10 +135,16 @@ class Catalog:
             with contextlib.suppress(sqlite3.Error):
                 await self._db.rollback()
             raise store_error(self._path, action, exc) from exc
-        if wrote:
-            # The WAL's fsync said yes; a file system that failed meanwhile may not have
-            # kept it (confirm_durable), and a caller told "done" relies on it.
-            confirm_durable(self._path, action)
+        if wrote and (failure := failed_since_sync(self._path)) is not None:
+            # The WAL's fsync said yes, but the file system failed meanwhile and may not
+            # keep what it said yes to: the caller is told no. And this connection takes no
+            # more: the commit may have checkpointed the WAL into the catalog on the same
+            # false word, and the next would start the WAL afresh (an overwrite that needs
+            # no journal, so it can still reach the disk), dropping frames the catalog may
+            # not hold.
+            self._stopped = failure
+            raise StoreError(f"cannot {action} {self._path}: {failure}, so it may not be "
+                             f"on disk")
 
     @classmethod
     async def open(cls, path: Path, model_key: str) -> tuple[Catalog, bool]:

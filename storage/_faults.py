@@ -72,23 +72,23 @@ def _file_system_says(path: Path) -> str | None:
     return None
 
 
-def confirm_durable(path: Path, action: str) -> None:
-    """Call after an fsync succeeded: StoreError if the file system under ``path`` has
-    failed since, for then that success does not mean the data is on disk.
+def failed_since_sync(path: Path) -> str | None:
+    """Call after an fsync on ``path``'s file system succeeded: why that success is not to
+    be trusted (the file system has failed since the fsync began), or None.
 
-    ext4 (Linux 6.18 here): an fsync that passed its own check just before an error
-    aborted the journal can return 0 although the journal transaction that held the file's
-    new size was thrown away by the abort (jbd2_complete_transaction takes a discarded
-    transaction for a committed one): after e2fsck the appended data is gone, in about one
-    trial in six of a plain append-and-fdatasync loop. A journal handle taken after the
-    fsync fails once the journal has aborted, so a write that passes this check was
-    committed for real.
+    ext4 (Linux 6.18 here): an error aborts the journal first and marks the file system
+    read-only only later (after writing its superblock). An fsync that passes its own check
+    in between returns 0, though the journal transaction holding the file's new size was
+    thrown away by the abort (jbd2_complete_transaction takes a discarded transaction for
+    a committed one): after e2fsck the appended data is gone, in about one trial in six of
+    a plain append-and-fdatasync loop. A journal handle taken after the fsync is refused
+    once the journal has aborted, so an fsync followed by this check passing was kept.
     """
     refused = _write_refused(_nearest_existing(path))
-    if refused is not None and refused.errno in (errno.EROFS, errno.EIO):
-        said = _file_system_says(path) or refused.strerror
-        raise StoreError(f"cannot {action} {path}: the file system failed while it was "
-                         f"written, so it may be lost: {said}")
+    if refused is None or refused.errno not in (errno.EROFS, errno.EIO):
+        return None
+    said = _file_system_says(path) or refused.strerror
+    return f"the file system failed as it was written ({said})"
 
 
 def reason(exc: BaseException, path: Path) -> str:

@@ -35,7 +35,9 @@ import trio
 
 import troupe
 from conftest import PYTHON, TINY
+from troupe.storage._asyncio_thread import AsyncioThread
 from troupe.storage._blocks import KVFile, block_file_name, read_kv
+from troupe.storage._catalog import Catalog
 
 SYSTEM = "You are Alice, the town baker."
 READ_ONLY = "the file system is read-only"
@@ -152,6 +154,37 @@ async def test_a_file_system_error_says_read_only_and_loses_no_turn(ext4: Ext4Im
         bob = await rt.spawn("bob")
         await bob.say("Hi", max_tokens=4)
     assert second.cached_tokens > first.prompt_tokens  # its cache was on disk, whole
+
+
+async def test_a_write_the_file_system_may_not_have_kept_stops_the_catalog(
+    ext4: Ext4Image,
+) -> None:
+    # ext4 can answer an fsync with 0 when an error aborted its journal during it, and
+    # the write is then gone after the fsck (failed_since_sync). Such a commit is not
+    # reported done, and the catalog takes nothing more. A write transaction that changes
+    # nothing commits without writing to the WAL, so it stands for a commit whose fsync
+    # said yes just before the file system failed.
+    sqlite = AsyncioThread("test-sqlite")
+    catalog, _ = await sqlite.run(Catalog.open, ext4.path / "catalog.sqlite", "model")
+    try:
+        await sqlite.run(catalog.add_agent, "alice", SYSTEM)
+        ext4.fail()
+        with pytest.raises(troupe.StoreError, match="may not be on disk") as refused:
+            await sqlite.run(catalog.forget_tail, "nobody")
+        assert READ_ONLY in str(refused.value)
+        with pytest.raises(troupe.StoreError, match="stopped until it is reopened"):
+            await sqlite.run(catalog.agent_ids)
+    finally:
+        await sqlite.run(catalog.close)
+        await sqlite.aclose()
+    ext4.check()
+    sqlite = AsyncioThread("test-sqlite")
+    catalog, _ = await sqlite.run(Catalog.open, ext4.path / "catalog.sqlite", "model")
+    try:
+        assert await sqlite.run(catalog.agent_ids) == ["alice"]
+    finally:
+        await sqlite.run(catalog.close)
+        await sqlite.aclose()
 
 
 # -- a process that runs rounds of turns when the file system fails under it

@@ -10,15 +10,21 @@ that, only unmounted, checked (e2fsck) and mounted again: so the runtime must sa
 wrong, fail each write as StoreError, close cleanly, and a reopen after the fsck must hold
 every turn it acknowledged.
 
+That last part took more than SQLite's fsync: ext4 can answer an fsync with 0 when the error
+strikes during it, and lose the write (storage/_faults.py, failed_since_sync). Before the
+catalog checked for that, about one trial in forty lost the turn acknowledged right after
+the failure; two trials here rarely meet that window, the script below runs enough.
+
 Real loop-mounted ext4 images, as root (CI runs as root); skipped with the reason otherwise.
 ``python tests/test_remount.py [TRIALS]`` runs many randomized trials of the subprocess test
-and prints what each found.
+and prints what each found; ``--fsync unchecked|checked`` runs the kernel's race alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import random
 import shutil
@@ -26,6 +32,8 @@ import sqlite3
 import subprocess
 import tempfile
 import textwrap
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -38,6 +46,7 @@ from conftest import PYTHON, TINY
 from troupe.storage._asyncio_thread import AsyncioThread
 from troupe.storage._blocks import KVFile, block_file_name, read_kv
 from troupe.storage._catalog import Catalog
+from troupe.storage._faults import failed_since_sync
 
 SYSTEM = "You are Alice, the town baker."
 READ_ONLY = "the file system is read-only"
@@ -398,7 +407,35 @@ async def test_an_acknowledged_turn_survives_a_file_system_error_and_fsck(
     assert trial.holes() == []
     assert trial.refused, "the worker met no error"
     assert all(READ_ONLY in message for message in trial.errors), trial.errors
-    assert trial.bad_files == []
+
+
+def fsync_trial(disk: Ext4Image, rng: random.Random, *, check: bool) -> tuple[int, int]:
+    """The kernel alone, no SQLite: append 4 KiB and fdatasync in a loop while ``disk``
+    fails. Returns the bytes the fdatasyncs acknowledged (with ``check``, only those
+    ``failed_since_sync`` then let stand) and the bytes on disk after the fsck."""
+    path = disk.path / "log"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+    acked = 0
+
+    def append() -> None:
+        nonlocal acked
+        written = 0
+        with contextlib.suppress(OSError):
+            while True:
+                written += os.write(fd, os.urandom(4096))
+                os.fdatasync(fd)
+                if check and failed_since_sync(path) is not None:
+                    return
+                acked = written
+
+    writer = threading.Thread(target=append)
+    writer.start()
+    time.sleep(rng.uniform(0.005, 0.1))
+    disk.fail()
+    writer.join()
+    os.close(fd)
+    disk.check()
+    return acked, path.stat().st_size
 
 
 def main() -> None:
@@ -406,11 +443,29 @@ def main() -> None:
     parser.add_argument("trials", type=int, nargs="?", default=40)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="write each worker's output here")
+    parser.add_argument("--fsync", choices=["unchecked", "checked"],
+                        help="run fsync_trial instead: the kernel's fdatasync alone")
     args = parser.parse_args()
     why = _unavailable()
     if why is not None:
         raise SystemExit(why)
     rng = random.Random(args.seed)
+    if args.fsync:
+        lost = 0
+        for n in range(args.trials):
+            base = Path(tempfile.mkdtemp(prefix="troupe-fsync-"))
+            disk = Ext4Image(base / "ext4.img", base / "ext4")
+            try:
+                disk.make()
+                acked, kept = fsync_trial(disk, rng, check=args.fsync == "checked")
+            finally:
+                disk.unmount()
+                shutil.rmtree(base, ignore_errors=True)
+            lost += kept < acked
+            print(f"trial {n}: acknowledged {acked} bytes, {kept} on disk after the fsck"
+                  f"{'  LOST' if kept < acked else ''}", flush=True)
+        print(f"{args.fsync}: {lost} of {args.trials} trials lost acknowledged bytes")
+        return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     totals = {"trials": 0, "acked": 0, "missing": 0, "holes": 0, "phantoms": 0,
               "refused": 0, "bad_files": 0, "not_read_only": 0}

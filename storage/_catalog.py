@@ -22,7 +22,7 @@ import attrs
 
 from .._errors import AgentDamagedError, AgentExistsError, StoreError
 from ._blocks import BLOCK_FORMAT, DEFAULT_BLOCK_SIZE, KVFile
-from ._faults import store_error
+from ._faults import failed_since_sync, store_error
 from ._kvdir import KVFiles, block_file_name, check_tail_name
 
 SCHEMA_VERSION = 4
@@ -227,11 +227,16 @@ class Catalog:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self._path = path
+        self._stopped: str | None = None
 
     @asynccontextmanager
     async def _transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
+        if self._stopped is not None:
+            raise StoreError(f"cannot {action} {self._path}: {self._stopped}; the store is "
+                             f"stopped until it is reopened")
         try:
             yield self._db
+            wrote = self._db.in_transaction
             await self._db.commit()
         except sqlite3.Error as exc:
             # Nothing was begun, or the connection will say so on the next call.
@@ -242,6 +247,16 @@ class Catalog:
             with contextlib.suppress(sqlite3.Error):
                 await self._db.rollback()
             raise
+        if wrote and (failure := failed_since_sync(self._path)) is not None:
+            # The WAL's fsync said yes, but the file system failed meanwhile and may not
+            # keep what it said yes to: the caller is told no. And this connection takes no
+            # more: the commit may have checkpointed the WAL into the catalog on the same
+            # false word, and the next would start the WAL afresh (an overwrite that needs
+            # no journal, so it can still reach the disk), dropping frames the catalog may
+            # not hold.
+            self._stopped = failure
+            raise StoreError(f"cannot {action} {self._path}: {failure}, so it may not be "
+                             f"on disk")
 
     @classmethod
     async def open(

@@ -1,6 +1,7 @@
-"""troupe.actors: the agent and storage actors, and the MLX engine and its thread."""
+"""troupe.actors: the agent and storage actors, and the MLX engine and its thread.
 
-from ._agent import Agent, ReplyStream
-from ._mlx import ModelInfo
+Nothing here is public: troupe's API is the ``troupe`` module, which exports each public
+name once (tests/test_package.py pins that).
+"""
 
-__all__ = ["Agent", "ModelInfo", "ReplyStream"]
+__all__: list[str] = []

@@ -31,7 +31,8 @@ from ._records import (  # noqa: E402
     Sampling,
 )
 from ._runtime import Runtime, open_runtime  # noqa: E402
-from .actors import Agent, ModelInfo, ReplyStream  # noqa: E402
+from .actors._agent import Agent, ReplyStream  # noqa: E402
+from .actors._mlx import ModelInfo  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,3 +63,15 @@ __all__ = [
     "make_model",
     "open_runtime",
 ]
+
+
+def _claim_public_names() -> None:
+    # Each public class and function says it is troupe's (reprs, docs, pickles), not the
+    # private module's it happens to live in, as trio does.
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type) or callable(obj):
+            obj.__module__ = __name__
+
+
+_claim_public_names()

@@ -1,7 +1,7 @@
-"""troupe.storage: KV blocks (their ids and file format) and the SQLite catalog."""
+"""troupe.storage: KV blocks (their ids and file format), the store's files, its lock
+and the SQLite catalog, and the offline tools behind ``troupe store``.
 
-from ._blocks import BLOCK_FORMAT as KV_FORMAT
-from ._blocks import DEFAULT_BLOCK_SIZE
-from ._catalog import SCHEMA_VERSION, AgentRecord
+Nothing here is public: troupe's API is the ``troupe`` module.
+"""
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "KV_FORMAT", "SCHEMA_VERSION", "AgentRecord"]
+__all__: list[str] = []

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import importlib
+import inspect
 import json
+import pkgutil
 import platform
 import subprocess
 from importlib import metadata
@@ -29,13 +33,25 @@ def test_public_names_are_pinned() -> None:
         "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "TroupeError",
         "__version__", "make_model", "open_runtime",
     ])
-    assert sorted(troupe.actors.__all__) == ["Agent", "ModelInfo", "ReplyStream"]
-    assert sorted(troupe.storage.__all__) == [
-        "AgentRecord", "DEFAULT_BLOCK_SIZE", "KV_FORMAT", "SCHEMA_VERSION"]
     for name in troupe.__all__:
         assert getattr(troupe, name) is not None
     errors = [getattr(troupe, n) for n in troupe.__all__ if n.endswith("Error")]
     assert all(issubclass(e, troupe.TroupeError) for e in errors if e is not troupe.TroupeError)
+
+
+def test_each_public_name_is_exported_by_exactly_one_module() -> None:
+    # As trio's test_core_is_properly_reexported: one public surface, the troupe module.
+    public = [importlib.import_module(info.name) for info in
+              pkgutil.walk_packages(troupe.__path__, "troupe.")
+              if not any(part.startswith("_") for part in info.name.split("."))]
+    exports = collections.Counter(
+        name for module in [troupe, *public] for name in module.__all__)
+    assert [name for name, count in exports.items() if count > 1] == []
+    assert {m.__name__: m.__all__ for m in public if m.__all__} == {}
+    for name in troupe.__all__:
+        obj = getattr(troupe, name)
+        if isinstance(obj, type) or inspect.isfunction(obj):
+            assert obj.__module__ == "troupe", name
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path | None = None,

@@ -214,6 +214,17 @@ class TurnChannel:
         self._engine.cancel(self.key)
 
 
+@attrs.frozen
+class EngineStatistics:
+    """A snapshot of the engine: the part of RuntimeStatistics it owns."""
+
+    turns_in_flight: int
+    peak_batch_size: int
+    engine_steps: int
+    decode_seconds: float
+    prefill_seconds: float
+
+
 @attrs.define
 class EngineCounters:
     steps: int = 0
@@ -277,6 +288,11 @@ class Engine:
     def in_flight(self) -> int:
         """Turns started and not yet finished."""
         return len(self._routes)
+
+    def statistics(self) -> EngineStatistics:
+        c = self.counters
+        return EngineStatistics(self.in_flight, c.peak_batch_size, c.steps, c.decode_seconds,
+                                c.prefill_seconds)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between batch steps and return its result."""

@@ -24,6 +24,17 @@ from ..storage._blocks import KVFile
 from ._mlx import KVBlock, block_nbytes
 
 
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of the KV in memory: the part of RuntimeStatistics the pool owns."""
+
+    kv_budget: int
+    kv_hot_bytes: int
+    blocks_in_memory: int
+    blocks_shared: int
+    evictions: int
+
+
 @attrs.define(eq=False)
 class Block:
     """One full block: its KV in memory (``data``) and/or on disk (``file``); ``refs``
@@ -78,6 +89,10 @@ class BlockPool:
         self._clock = itertools.count(1)
         self._donors: dict[bytes, list[tuple[weakref.ref[Any], array.array[int]]]] = {}
         """Per parent block id, blocks and tails that follow it, with their tokens."""
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(self.budget, self.hot_bytes, self.in_memory(), self.shared(),
+                              self.evictions)
 
     def tick(self) -> int:
         return next(self._clock)

@@ -270,6 +270,21 @@ def _collect(kv: KVDir, entries: list[Entry]) -> None:
                        len(strangers), ", ".join(sorted(strangers)[:5]))
 
 
+@attrs.frozen
+class StoreStatistics:
+    """A snapshot of the store's work: the part of RuntimeStatistics it owns."""
+
+    caches_saved: int
+    caches_loaded: int
+    caches_unsaved: int
+    blocks_on_disk: int
+    restores: int
+    prefetches: int
+    rebuilds: int
+    store_bytes_written: int
+    store_bytes_read: int
+
+
 class Storage(Actor):
     """One per runtime. ``open`` it before use and ``aclose`` it after the engine stops.
 
@@ -325,6 +340,11 @@ class Storage(Actor):
         # Block files written at a publish whose catalog rows are still to come: the first
         # commit that names the block records it (a crash leaves orphans, removed at open).
         self._staged: dict[bytes, KVFile] = {}
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            self.caches_saved, self.caches_loaded, self.caches_unsaved, self.blocks_on_disk,
+            self.restores, self.prefetches, self.rebuilds, self.bytes_written, self.bytes_read)
 
     @property
     def kv(self) -> KVDir:

@@ -321,39 +321,15 @@ class Runtime:
 
     def statistics(self) -> RuntimeStatistics:
         """An immutable snapshot of the runtime's counters."""
-        c = self._services.counters
-        e = self._engine.counters
-        pool = self._storage.pool
+        # Each owner snapshots its own part; the runtime adds its agents'.
+        parts = (self._services.counters.statistics(), self._engine.statistics(),
+                 self._storage.pool.statistics(), self._storage.statistics())
         return RuntimeStatistics(
             agents=len(self._ids),
             agents_active=len(self._agents),
             activations=self._activations,
             deactivations=self._deactivations,
-            turns_in_flight=self._engine.in_flight,
-            turns_completed=c.turns_completed,
-            turns_failed=c.turns_failed,
-            turns_cancelled=c.turns_cancelled,
-            tokens_generated=c.tokens_generated,
-            tokens_prefilled=c.tokens_prefilled,
-            tokens_reused=c.tokens_reused,
-            peak_batch_size=e.peak_batch_size,
-            engine_steps=e.steps,
-            decode_seconds=e.decode_seconds,
-            prefill_seconds=e.prefill_seconds,
-            caches_saved=self._storage.caches_saved,
-            caches_loaded=self._storage.caches_loaded,
-            caches_unsaved=self._storage.caches_unsaved,
-            kv_budget=pool.budget,
-            kv_hot_bytes=pool.hot_bytes,
-            blocks_in_memory=pool.in_memory(),
-            blocks_on_disk=self._storage.blocks_on_disk,
-            blocks_shared=pool.shared(),
-            evictions=pool.evictions,
-            restores=self._storage.restores,
-            prefetches=self._storage.prefetches,
-            rebuilds=self._storage.rebuilds,
-            store_bytes_written=self._storage.bytes_written,
-            store_bytes_read=self._storage.bytes_read,
+            **{k: v for part in parts for k, v in attrs.asdict(part, recurse=False).items()},
         )
 
     async def _shutdown(self) -> None:

@@ -12,6 +12,7 @@ import trio
 
 import troupe
 import troupe.actors
+import troupe.kernel
 import troupe.storage
 from conftest import PYTHON
 from troupe import _blas
@@ -32,6 +33,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(troupe.actors.__all__) == ["Agent", "ModelInfo", "ReplyStream"]
     assert sorted(troupe.storage.__all__) == [
         "AgentRecord", "DEFAULT_BLOCK_SIZE", "KV_FORMAT", "SCHEMA_VERSION"]
+    assert sorted(troupe.kernel.__all__) == ["Actor", "Request"]
     for name in troupe.__all__:
         assert getattr(troupe, name) is not None
     errors = [getattr(troupe, n) for n in troupe.__all__ if n.endswith("Error")]

@@ -49,8 +49,9 @@ def _run(args: list[str], env: dict[str, str], cwd: Path | None = None,
 async def test_only_the_troupe_namespace_is_installed(
     tmp_path: Path, troupe_env: dict[str, str]
 ) -> None:
-    probe = ("import importlib.util as u, troupe.actors, troupe.storage; "
-             "print([n for n in ('runtime', 'actors', 'storage') if u.find_spec(n)]); "
+    probe = ("import importlib.util as u, troupe.actors, troupe.storage, troupe.bench; "
+             "print([n for n in ('runtime', 'actors', 'storage', 'benchmarks') "
+             "if u.find_spec(n)]); "
              "print(troupe.BLAS.name)")
     result = await trio.to_thread.run_sync(
         lambda: _run([PYTHON, "-c", probe], troupe_env, cwd=tmp_path))

@@ -51,6 +51,9 @@ USER = "Tell me about your day in the village."
 
 @attrs.frozen
 class Sizes:
+    """The size of each measurement; ``FULL`` is the default, ``QUICK`` what ``--quick``
+    runs."""
+
     decode_agents: int
     decode_tokens: int
     rounds: int
@@ -528,10 +531,13 @@ class _LoopWatch(trio.abc.Instrument):
 
 @attrs.define
 class Lag:
+    """A lag probe's samples: each tick's lateness (seconds), and on trio the loop's."""
+
     ticks: list[float] = attrs.field(factory=list)
     watch: _LoopWatch | None = None
 
     def figures(self) -> dict[str, Any]:
+        """The percentiles, in milliseconds, as the report prints and saves them."""
         result: dict[str, Any] = dict(_percentiles(self.ticks))
         if self.watch is not None:
             busy, late = _percentiles(self.watch.busy), _percentiles(self.watch.overshoot)

@@ -99,6 +99,8 @@ def _prose(rng: random.Random, chars: int, start: str = "") -> str:
 
 @attrs.frozen
 class Turn:
+    """One message to one agent, and how many tokens its reply may take."""
+
     agent_id: str
     text: str
     max_tokens: int
@@ -208,6 +210,7 @@ def _village_round(sizes: Sizes, agents: Sequence[str], r: int) -> list[Turn]:
 
 
 async def village(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """Agents sharing a world prompt answer a message each, all at once, round after round."""
     system = rec.system
     agents = _village_agents(sizes, random.Random(1))
     for agent_id, prompt in agents:
@@ -218,6 +221,7 @@ async def village(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) 
 
 
 async def restart(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """The village's rounds, the system restarted halfway."""
     system = rec.system
     agents = _village_agents(sizes, random.Random(2))
     ids = [a for a, _ in agents]
@@ -234,6 +238,8 @@ async def restart(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) 
 
 
 async def crowd(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """Many agents with long contexts through a small KV budget; the server's clients start
+    from the conversations troupe's setup turns made (``troupe``: its phases)."""
     system = rec.system
     rng = random.Random(3)
     # Nine tenths shared (one copy for troupe; the server can start from another agent's
@@ -261,6 +267,7 @@ async def crowd(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) ->
 
 
 async def orchestrator(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """A coordinator plans each task, workers answer their parts at once, it gathers them."""
     system = rec.system
     rng = random.Random(4)
     await system.spawn("coordinator", "You coordinate a team of workers. " + _prose(
@@ -518,6 +525,9 @@ class ServerSystem:
 
 @attrs.frozen
 class WorkloadResult:
+    """One workload on both systems: their phases, how their replies compare, and troupe's
+    statistics at the end."""
+
     workload: str
     timed_phase: str
     troupe: tuple[Phase, ...]

@@ -238,8 +238,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> None:
-    from ._bench import run_bench
-    from ._bench_tiers import bench_bytes, bench_scale, bench_ttft
+    # The benches are a client package (benchmarks/), loaded only when one runs.
+    from troupe.bench.batching import run_bench
+    from troupe.bench.tiers import bench_bytes, bench_scale, bench_ttft
 
     model = args.model or ("embedded:tiny" if args.which == "scale" else "embedded")
     if args.which == "ttft":
@@ -247,12 +248,12 @@ async def _bench(args: argparse.Namespace) -> None:
     elif args.which == "bytes":
         await bench_bytes(model=model)
     elif args.which == "peer":
-        from ._bench_peer import bench_peer
+        from troupe.bench.peer import bench_peer
 
         await bench_peer(model=model, quick=args.quick, only=args.only,
                          json_path=args.json, chart_path=args.chart)
     elif args.which == "overhead":
-        from ._bench_overhead import bench_overhead
+        from troupe.bench.overhead import bench_overhead
 
         await bench_overhead(model=model, quick=args.quick, json_path=args.json)
     elif args.which == "scale":

@@ -28,7 +28,7 @@ from ._validate import (
     parse_bytes,
 )
 from .actors._agent import Agent, AgentActor, AgentState, Services, chat_messages
-from .actors._engine import BUSY_TRIM_FLOOR, Engine
+from .actors._engine import BUSY_TRIM_FLOOR, IDLE_TRIM_SECONDS, Engine
 from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
 from .actors._storage import Activate, AddAgent, Deactivate, ForkAgent, Storage
@@ -131,6 +131,13 @@ class Runtime:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def idle_trim_seconds(self) -> float:
+        """Seconds the engine waits with no turn to run before it hands the memory freed by
+        finished turns back to the OS: an idle runtime's resident memory has settled that
+        long after its last turn."""
+        return IDLE_TRIM_SECONDS
 
     def _check_open(self) -> None:
         if self._closed:
@@ -389,10 +396,8 @@ async def open_runtime(
         block_size = check_int(block_size, "block_size", 16, 4096)
     source = _model_source(spec)
     # While the batch runs, the heap may hold as much free as the KV budget (its pages are
-    # reused); past that the engine hands pages back. In `troupe bench scale` (64 MB budget)
-    # the peak RSS went from 436-441 MB to 411-416 MB (two runs each, alternating); past
-    # half the budget, to 390-414 MB, but a crowd round of 64 agents (512 MB budget) took
-    # ~6% longer (medians), trimming 19-86 times a run.
+    # reused); past that the engine hands pages back. A lower mark saved memory but cost
+    # turns time: README, "Memory given back", has the measurements.
     engine = Engine(source, max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
                     trim_above=max(BUSY_TRIM_FLOOR, budget))
     single: BaseException | None = None

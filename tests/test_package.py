@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import importlib
 import inspect
@@ -16,6 +17,7 @@ import trio
 
 import troupe
 import troupe.actors
+import troupe.kernel
 import troupe.storage
 from conftest import PYTHON
 from troupe import _blas
@@ -40,18 +42,158 @@ def test_public_names_are_pinned() -> None:
 
 
 def test_each_public_name_is_exported_by_exactly_one_module() -> None:
-    # As trio's test_core_is_properly_reexported: one public surface, the troupe module.
+    # As trio's test_core_is_properly_reexported: one public surface, the troupe module,
+    # and troupe.kernel for those who write actors of their own. troupe.bench is a client.
     public = [importlib.import_module(info.name) for info in
               pkgutil.walk_packages(troupe.__path__, "troupe.")
-              if not any(part.startswith("_") for part in info.name.split("."))]
+              if not any(part.startswith("_") for part in info.name.split("."))
+              and not info.name.startswith("troupe.bench")]
     exports = collections.Counter(
-        name for module in [troupe, *public] for name in module.__all__)
+        name for module in [troupe, *public] for name in getattr(module, "__all__", []))
     assert [name for name, count in exports.items() if count > 1] == []
-    assert {m.__name__: m.__all__ for m in public if m.__all__} == {}
+    assert {m.__name__: sorted(m.__all__) for m in public if getattr(m, "__all__", [])} == {
+        "troupe.kernel": ["Actor", "Request"]}
     for name in troupe.__all__:
         obj = getattr(troupe, name)
         if isinstance(obj, type) or inspect.isfunction(obj):
             assert obj.__module__ == "troupe", name
+
+
+# -- troupe.bench (benchmarks/) is a client: troupe's public API only --------------------------
+
+BENCH = ROOT / "benchmarks"
+BENCH_PACKAGE = "troupe.bench"
+_REFLECTION = {"getattr", "setattr", "delattr", "hasattr"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _past_the_api(module: str) -> bool:
+    """Whether importing ``module`` reaches into troupe past its public API."""
+    parts = module.split(".")
+    if parts[0] != "troupe" or module == BENCH_PACKAGE or module.startswith(BENCH_PACKAGE + "."):
+        return False
+    # troupe.actors is public but its names are troupe's (troupe.Agent...): it is being
+    # split up, so a client of it would follow each move.
+    return any(_private(p) for p in parts) or module.startswith("troupe.actors")
+
+
+def _own_private_names(tree: ast.Module) -> set[str]:
+    """Private names the module itself defines on its own objects: ``self._x = ...``, and
+    the methods and class attributes of its classes (the bench's own state, not troupe's)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name) and node.value.id == "self"):
+            names.add(node.attr)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    names.add(item.name)
+                elif isinstance(item, ast.Assign | ast.AnnAssign):
+                    targets = item.targets if isinstance(item, ast.Assign) else [item.target]
+                    names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _reaches_into_troupe(source: str, package: str) -> list[str]:
+    """What in ``source`` (a module of ``package``) goes past troupe's public API: an import
+    of a private troupe module or name or of troupe.actors, a relative import out of
+    troupe.bench, a ``._name`` attribute that is not the module's own (``self._x`` it
+    assigns, its classes' methods), ``getattr(x, "_name")`` and friends, or a "troupe._"
+    string (code run in a subprocess)."""
+    tree = ast.parse(source)
+    own = _own_private_names(tree)
+    found: list[str] = []
+    for node in ast.walk(tree):
+        where = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            found += [f"{where}: import {a.name}" for a in node.names if _past_the_api(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                if node.level - 1 >= len(base) - 1:
+                    found.append(f"{where}: relative import out of {BENCH_PACKAGE}")
+                    continue
+                base = base[:len(base) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                if not (module + ".").startswith(BENCH_PACKAGE + "."):
+                    found.append(f"{where}: relative import out of {BENCH_PACKAGE}")
+                continue
+            module = node.module or ""
+            if _past_the_api(module):
+                found.append(f"{where}: from {module} import ...")
+            elif module == "troupe":
+                found += [f"{where}: from troupe import {a.name}" for a in node.names
+                          if _past_the_api(f"troupe.{a.name}")]
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            mine = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if not (mine and node.attr in own):
+                found.append(f"{where}: .{node.attr}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in _REFLECTION and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and _private(node.args[1].value)):
+            found.append(f"{where}: {node.func.id}(..., {node.args[1].value!r})")
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and "troupe._" in node.value):
+            found.append(f"{where}: {node.value!r}")
+    return found
+
+
+def test_the_benches_reach_troupe_only_through_its_public_api() -> None:
+    modules = sorted(BENCH.rglob("*.py"))
+    assert {m.name for m in modules} >= {
+        "__init__.py", "batching.py", "tiers.py", "overhead.py", "peer.py"}
+    found = {}
+    for path in modules:
+        parts = path.relative_to(BENCH).with_suffix("").parts
+        package = ".".join([BENCH_PACKAGE, *parts[:-1]])
+        if problems := _reaches_into_troupe(path.read_text(), package):
+            found[str(path.relative_to(ROOT))] = problems
+    assert found == {}
+
+
+def test_the_bench_rule_catches_each_way_in() -> None:
+    # The rule above on code that breaks it each way it knows, and on code that keeps it.
+    broken = """
+import troupe._runtime
+import troupe.actors._engine as engine
+from troupe import _blas
+from troupe import actors
+from troupe._runtime import open_runtime
+from troupe.actors import Agent
+from troupe.storage._blocks import BlockId
+from .. import BLAS
+from ... import anything
+async def f(rt, agent):
+    rt._services.renderer
+    agent._actor.state
+    self._private_of_troupe
+    getattr(rt, "_engine")
+    run("python -m troupe._cli")
+"""
+    found = _reaches_into_troupe(broken, BENCH_PACKAGE)
+    # One finding on each line but the function's own.
+    assert sorted(int(f.split()[1].rstrip(":")) for f in found) == [
+        n for n, line in enumerate(broken.split("\n"), 1)
+        if line.strip() and not line.startswith("async def")], found
+    kept = """
+import troupe
+import troupe.kernel
+from troupe import BLAS, Agent, open_runtime
+from troupe.kernel import Actor
+from troupe.bench.tiers import world_text
+from .tiers import chars_per_token
+class Mine:
+    def __init__(self) -> None:
+        self._rt = None
+    def _helper(self) -> None:
+        self._rt.model.path, self._helper(), rt.__class__
+"""
+    assert _reaches_into_troupe(kept, BENCH_PACKAGE) == []
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path | None = None,
@@ -63,8 +205,9 @@ def _run(args: list[str], env: dict[str, str], cwd: Path | None = None,
 async def test_only_the_troupe_namespace_is_installed(
     tmp_path: Path, troupe_env: dict[str, str]
 ) -> None:
-    probe = ("import importlib.util as u, troupe.actors, troupe.storage; "
-             "print([n for n in ('runtime', 'actors', 'storage') if u.find_spec(n)]); "
+    probe = ("import importlib.util as u, troupe.actors, troupe.storage, troupe.bench; "
+             "print([n for n in ('runtime', 'actors', 'storage', 'benchmarks') "
+             "if u.find_spec(n)]); "
              "print(troupe.BLAS.name)")
     result = await trio.to_thread.run_sync(
         lambda: _run([PYTHON, "-c", probe], troupe_env, cwd=tmp_path))

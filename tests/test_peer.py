@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from troupe._bench_peer import Sizes, _run_workload
+from troupe.bench.peer import Sizes, run_workload
 
 TINY = Sizes(village_agents=3, world_tokens=300, persona_tokens=40, village_rounds=2,
              message_tokens=30, reply_tokens=8, crowd_agents=4, crowd_context_tokens=200,
@@ -15,7 +15,7 @@ TINY = Sizes(village_agents=3, world_tokens=300, persona_tokens=40, village_roun
 
 async def test_the_village_runs_alike_on_both_systems(tmp_path: Path) -> None:
     out = io.StringIO()
-    result = await _run_workload("village", "embedded:tiny", TINY, tmp_path, out)
+    result = await run_workload("village", "embedded:tiny", TINY, tmp_path, out)
 
     ours, theirs = result.timed(result.troupe), result.timed(result.server)
     turns = TINY.village_agents * TINY.village_rounds

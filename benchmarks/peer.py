@@ -40,10 +40,7 @@ import anyio
 import attrs
 import cattrs
 
-from . import BLAS
-from ._runtime import Runtime, _model_source, open_runtime
-from ._validate import parse_bytes
-from .actors._agent import Agent
+from troupe import BLAS, Agent, Runtime, open_runtime
 
 PREFILL_STEP_SIZE = 128  # troupe's default; the server gets the same (its own is 2048)
 BATCH = 32  # both systems' decode batch (the server's --decode-concurrency default)
@@ -63,7 +60,7 @@ _WORDS = (
 
 @attrs.frozen
 class Sizes:
-    """The size of each workload; ``FULL`` is the default, ``QUICK`` runs in about a minute."""
+    """The size of each workload; ``FULL`` is the default, ``QUICK`` what ``--quick`` runs."""
 
     village_agents: int
     world_tokens: int
@@ -102,6 +99,8 @@ def _prose(rng: random.Random, chars: int, start: str = "") -> str:
 
 @attrs.frozen
 class Turn:
+    """One message to one agent, and how many tokens its reply may take."""
+
     agent_id: str
     text: str
     max_tokens: int
@@ -211,6 +210,7 @@ def _village_round(sizes: Sizes, agents: Sequence[str], r: int) -> list[Turn]:
 
 
 async def village(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """Agents sharing a world prompt answer a message each, all at once, round after round."""
     system = rec.system
     agents = _village_agents(sizes, random.Random(1))
     for agent_id, prompt in agents:
@@ -221,6 +221,7 @@ async def village(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) 
 
 
 async def restart(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """The village's rounds, the system restarted halfway."""
     system = rec.system
     agents = _village_agents(sizes, random.Random(2))
     ids = [a for a, _ in agents]
@@ -237,6 +238,8 @@ async def restart(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) 
 
 
 async def crowd(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """Many agents with long contexts through a small KV budget; the server's clients start
+    from the conversations troupe's setup turns made (``troupe``: its phases)."""
     system = rec.system
     rng = random.Random(3)
     # Nine tenths shared (one copy for troupe; the server can start from another agent's
@@ -264,6 +267,7 @@ async def crowd(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) ->
 
 
 async def orchestrator(rec: _Recorder, sizes: Sizes, troupe: Sequence[Phase] | None) -> None:
+    """A coordinator plans each task, workers answer their parts at once, it gathers them."""
     system = rec.system
     rng = random.Random(4)
     await system.spawn("coordinator", "You coordinate a team of workers. " + _prose(
@@ -521,6 +525,9 @@ class ServerSystem:
 
 @attrs.frozen
 class WorkloadResult:
+    """One workload on both systems: their phases, how their replies compare, and troupe's
+    statistics at the end."""
+
     workload: str
     timed_phase: str
     troupe: tuple[Phase, ...]
@@ -548,8 +555,9 @@ def _compare(ours: Sequence[Phase], theirs: Sequence[Phase]) -> tuple[int, int, 
     return len(mine), len(differ), by_space
 
 
-def _server_cache_bytes(budget: str | None, sizes: Sizes, kv_per_token: int) -> int | None:
-    """The server's --prompt-cache-bytes for troupe's ``kv_budget``.
+def _server_cache_bytes(budget: int | None, sizes: Sizes, kv_per_token: int) -> int | None:
+    """The server's --prompt-cache-bytes for troupe's ``kv_budget`` (bytes, as troupe's
+    statistics report it).
 
     troupe's budget bounds idle KV; the server's flag bounds idle plus in-flight KV (it
     trims its cache to the flag minus the running batch's bytes). So the server gets the
@@ -560,15 +568,13 @@ def _server_cache_bytes(budget: str | None, sizes: Sizes, kv_per_token: int) -> 
     turn_tokens = sizes.message_tokens + sizes.reply_tokens + 32  # and the template's
     in_flight = min(CONCURRENCY, sizes.crowd_agents) * (sizes.crowd_context_tokens
                                + (1 + sizes.crowd_rounds) * turn_tokens) * kv_per_token
-    return parse_bytes(budget, "budget") + in_flight
+    return budget + in_flight
 
 
-def _model_dir(model: str) -> Path:
-    return _model_source(model)()
-
-
-async def _run_workload(name: str, model: str, sizes: Sizes, scratch: Path,
-                        out: TextIO) -> WorkloadResult:
+async def run_workload(name: str, model: str, sizes: Sizes, scratch: Path,
+                       out: TextIO) -> WorkloadResult:
+    """Run workload ``name`` on troupe, then on ``mlx_lm.server``, with files under
+    ``scratch``; print the comparison to ``out`` and return it."""
     run = WORKLOADS[name]
     print(f"\n{name}", file=out, flush=True)
     budget = sizes.crowd_budget if name == "crowd" else None
@@ -580,15 +586,18 @@ async def _run_workload(name: str, model: str, sizes: Sizes, scratch: Path,
         ours = recorder.phases
         stats = cattrs.unstructure(troupe.runtime.statistics())
         kv_per_token = troupe.runtime.model.kv_bytes_per_token
+        # The server loads the directory troupe loaded (the embedded model's, made once).
+        model_dir = Path(troupe.runtime.model.path)
     finally:
         # Not shielded: it exits the runtime's own task group, entered outside any new scope.
         await troupe.close()
     agents = {"village": sizes.village_agents, "restart": sizes.village_agents,
               "crowd": sizes.crowd_agents, "orchestrator": sizes.workers + 1}[name]
-    server = ServerSystem(_model_dir(model), scratch / f"{name}-server.log",
+    server = ServerSystem(model_dir, scratch / f"{name}-server.log",
                           # Entries for every agent's turns and system prompts, and more.
                           cache_entries=4 * agents + 16,
-                          cache_bytes=_server_cache_bytes(budget, sizes, kv_per_token))
+                          cache_bytes=_server_cache_bytes(
+                              stats["kv_budget"] if budget else None, sizes, kv_per_token))
     try:
         await server.open()
         recorder = _Recorder(server, out)
@@ -669,7 +678,7 @@ async def bench_peer(*, model: str, quick: bool, only: str | None, json_path: st
     results = []
     with tempfile.TemporaryDirectory(prefix="troupe-peer-") as scratch:
         for name in names:
-            results.append(await _run_workload(name, model, sizes, Path(scratch), out))
+            results.append(await run_workload(name, model, sizes, Path(scratch), out))
     elapsed = time.perf_counter() - started
     print(f"\n{'workload':<13} {'ratio':>7} {'goal':>6}", file=out)
     for r in results:

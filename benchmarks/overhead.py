@@ -3,8 +3,9 @@
 decode      N agents' greedy turns through troupe vs the same token sequences through a
             bare mlx-lm ``BatchGenerator`` (same model, batch sizes and prefill step), on a
             thread of its own while no runtime is open; rounds alternate (A B A B).
-round trips in-process actor calls per second through troupe's actor kernel, on trio and
-            on asyncio (each on an event loop of its own, in a thread).
+round trips in-process actor calls per second through troupe's actor kernel (the public
+            seam troupe.kernel), on trio and on asyncio (each on an event loop of its
+            own, in a thread).
 loop lag    lateness of a 1 ms periodic task while agents decode: idle, 16 agents with no
             store, many agents with a store whose small KV budget makes turns restore
             blocks from disk.
@@ -35,23 +36,24 @@ import sniffio
 import trio
 import trio.lowlevel
 
-from . import BLAS
-from ._actor import Actor, Request
-from ._bench_tiers import _chars_per_token, _text
-from ._records import Message
-from ._runtime import Runtime, open_runtime
-from .actors._agent import Agent, chat_messages
+from troupe import BLAS, Agent, Runtime, open_runtime
+from troupe.kernel import Actor, Request
+
+from .tiers import chars_per_token, world_text
 
 # troupe's defaults (open_runtime), which the bare side copies.
 MAX_BATCH_SIZE = 32
 PREFILL_STEP_SIZE = 128
-PREFILL_BATCH_SIZE = min(8, MAX_BATCH_SIZE)  # as actors/_mlx.py Batch sets it
+PREFILL_BATCH_SIZE = min(8, MAX_BATCH_SIZE)  # the prompts troupe's batch admits (README)
 
 USER = "Tell me about your day in the village."
 
 
 @attrs.frozen
 class Sizes:
+    """The size of each measurement; ``FULL`` is the default, ``QUICK`` what ``--quick``
+    runs."""
+
     decode_agents: int
     decode_tokens: int
     rounds: int
@@ -129,7 +131,8 @@ class DecodeRun:
     ends: list[tuple[float, int]]
     finished: float
     prompt_tokens: list[int] = attrs.field(factory=list)
-    """troupe's side: the tokens each turn prefilled or reused (its prompt's length)."""
+    """Each sequence's prompt length: troupe's side, the tokens its turn prefilled or
+    reused; the bare side, the token ids it rendered."""
 
     @property
     def generated(self) -> int:
@@ -153,15 +156,33 @@ class DecodeRun:
         return self.generated / max(1e-9, self.finished - self.submitted)
 
 
-def _bare_batch(path: str, prompts: list[list[int]], max_tokens: int) -> DecodeRun:
-    """The sequences through mlx-lm alone, on the calling thread (which must then end:
-    see ``_on_own_thread``). Returns the run measured after a warm-up of the same
-    prompts."""
+def _chat(system: str) -> list[dict[str, str]]:
+    """The first turn's conversation, as troupe hands it to the chat template."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": USER}]
+
+
+def _render(tokenizer: Any, systems: list[str]) -> list[list[int]]:
+    """Each agent's first prompt as mlx-lm renders it: the chat template, ready for the
+    reply; a model without one gets a plain transcript, as troupe gives it. The bench
+    checks that troupe's turns prefill prompts of these lengths."""
+    if getattr(tokenizer, "has_chat_template", False):
+        return [[int(t) for t in tokenizer.apply_chat_template(
+            _chat(s), add_generation_prompt=True, tokenize=True)] for s in systems]
+    return [[int(t) for t in tokenizer.encode(
+        "".join(f"{m['role']}: {m['content']}\n" for m in _chat(s)) + "assistant: ")]
+        for s in systems]
+
+
+def _bare_batch(path: str, systems: list[str], max_tokens: int) -> DecodeRun:
+    """The agents' first turns through mlx-lm alone, on the calling thread (which must
+    then end: see ``_on_own_thread``). Returns the run measured after a warm-up of the
+    same prompts."""
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator
 
     model, tokenizer = load(path)
+    prompts = _render(tokenizer, systems)
 
     def greedy(logprobs: mx.array) -> mx.array:
         return mx.argmax(logprobs, axis=-1)
@@ -197,7 +218,8 @@ def _bare_batch(path: str, prompts: list[list[int]], max_tokens: int) -> DecodeR
                         left -= 1
                     else:
                         ends[i] = (now, steps)
-            return DecodeRun(tokens, submitted, starts, ends, time.perf_counter())
+            return DecodeRun(tokens, submitted, starts, ends, time.perf_counter(),
+                             [len(p) for p in prompts])
         finally:
             generator.close()
 
@@ -207,7 +229,7 @@ def _bare_batch(path: str, prompts: list[list[int]], max_tokens: int) -> DecodeR
 
 async def _on_own_thread(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on a new thread that ends afterwards (MLX streams are thread-local)."""
-    from .actors._mlx import release_thread_resources
+    import mlx.core as mx
 
     box: dict[str, Any] = {}
 
@@ -217,7 +239,10 @@ async def _on_own_thread(fn: Callable[[], Any]) -> Any:
         except BaseException as exc:  # handed back to the caller below
             box["error"] = exc
         finally:
-            release_thread_resources()
+            # A thread that ran BatchGenerator must finish its work and drop its MLX
+            # streams before it ends, or MLX keeps (and later trips over) them.
+            mx.synchronize()
+            mx.clear_streams()
 
     thread = threading.Thread(target=main, name="troupe-bench-bare", daemon=True)
     thread.start()
@@ -227,13 +252,6 @@ async def _on_own_thread(fn: Callable[[], Any]) -> Any:
     return box["value"]
 
 
-async def _render(rt: Runtime, systems: list[str]) -> list[list[int]]:
-    """The token ids troupe prefills for each agent's first turn (its own renderer)."""
-    renderer = rt._services.renderer
-    return [await renderer.render(chat_messages(system, [Message("user", USER)]), len(USER))
-            for system in systems]
-
-
 async def _troupe_batch(rt: Runtime, tag: str, systems: list[str], max_tokens: int) -> DecodeRun:
     """Fresh agents (one per system prompt) take their first turn at once, streamed."""
     agents = [await rt.spawn(f"{tag}-{i}", system=s) for i, s in enumerate(systems)]
@@ -241,17 +259,18 @@ async def _troupe_batch(rt: Runtime, tag: str, systems: list[str], max_tokens: i
     prompts = [0] * len(agents)
     starts: list[tuple[float, int]] = [(0.0, 0)] * len(agents)
     ends: list[tuple[float, int]] = [(0.0, 0)] * len(agents)
-    counters = rt._engine.counters  # read on the loop as each token's text arrives
 
     async def turn(i: int, agent: Agent) -> None:
         stream = agent.stream(USER, max_tokens=max_tokens, temperature=0.0)
         last: tuple[float, int] | None = None
         async for _ in stream:
+            # The engine's steps so far, read on the loop as each token's text arrives.
+            now = (time.perf_counter(), rt.statistics().engine_steps)
             if last is None:
-                starts[i] = (time.perf_counter(), counters.steps)
+                starts[i] = now
             else:
                 ends[i] = last  # the text before the last: see DecodeRun
-            last = (time.perf_counter(), counters.steps)
+            last = now
         assert stream.reply is not None
         tokens[i] = list(stream.reply.tokens)
         prompts[i] = stream.reply.prompt_tokens + stream.reply.cached_tokens
@@ -268,15 +287,12 @@ async def _decode(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
     troupe_runs: list[DecodeRun] = []
     bare_runs: list[DecodeRun] = []
     troupe_steps: list[int] = []
-    prompts: list[list[int]] = []
     path = ""
     for round_no in range(sizes.rounds):
         # A: troupe, in a runtime of its own.
         async with open_runtime(model=model, max_batch_size=MAX_BATCH_SIZE,
                                 prefill_step_size=PREFILL_STEP_SIZE) as rt:
             path = rt.model.path
-            if not prompts:
-                prompts = await _render(rt, systems)
             await _troupe_batch(rt, "warm", systems, min(4, sizes.decode_tokens))
             steps = rt.statistics().engine_steps
             troupe_runs.append(await _troupe_batch(rt, f"r{round_no}", systems,
@@ -284,12 +300,14 @@ async def _decode(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
             troupe_steps.append(rt.statistics().engine_steps - steps)
         # B: the bare generator on a thread of its own, no runtime open.
         bare_runs.append(await _on_own_thread(
-            functools.partial(_bare_batch, path, prompts, sizes.decode_tokens)))
-    # Identical sequences: the same prompts (lengths checked here, tokens by construction:
-    # both sides use the renderer's ids) and then the same greedy tokens.
+            functools.partial(_bare_batch, path, systems, sizes.decode_tokens)))
+    # Identical sequences: prompts of the same lengths (troupe renders through the same
+    # chat template; a different prompt of the same length would show below) and then
+    # the same greedy tokens.
+    prompts = bare_runs[0].prompt_tokens
     prompt_mismatches = sum(
-        1 for r in troupe_runs for n, p in zip(r.prompt_tokens, prompts, strict=True)
-        if n != len(p)
+        1 for r in [*troupe_runs, *bare_runs[1:]]
+        for n, m in zip(r.prompt_tokens, prompts, strict=True) if n != m
     )
     differing = sum(
         1 for t in troupe_runs for b in bare_runs for x, y in zip(t.tokens, b.tokens, strict=True)
@@ -306,7 +324,7 @@ async def _decode(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
     result = {
         "agents": sizes.decode_agents,
         "max_tokens": sizes.decode_tokens,
-        "prompt_tokens": [len(p) for p in prompts],
+        "prompt_tokens": prompts,
         "tokens_generated": troupe_runs[0].generated,
         "rounds": sizes.rounds,
         "statistic": "best of the rounds, each side",
@@ -513,10 +531,13 @@ class _LoopWatch(trio.abc.Instrument):
 
 @attrs.define
 class Lag:
+    """A lag probe's samples: each tick's lateness (seconds), and on trio the loop's."""
+
     ticks: list[float] = attrs.field(factory=list)
     watch: _LoopWatch | None = None
 
     def figures(self) -> dict[str, Any]:
+        """The percentiles, in milliseconds, as the report prints and saves them."""
         result: dict[str, Any] = dict(_percentiles(self.ticks))
         if self.watch is not None:
             busy, late = _percentiles(self.watch.busy), _percentiles(self.watch.overshoot)
@@ -588,13 +609,13 @@ async def _loop_lag(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
         async with open_runtime(model=model, store=store, kv_budget=1 << 30) as probe_rt:
             per_token = probe_rt.model.kv_bytes_per_token
-            ratio = await _chars_per_token(probe_rt)
+            ratio = await chars_per_token(probe_rt)
         # The budget holds an eighth of the agents' KV (at most 8 MB): most is evicted.
         budget = max(1, min(8_000_000, per_token * sizes.restore_context
                             * sizes.restore_agents // 8))
         async with open_runtime(model=model, store=store, kv_budget=budget) as rt:
-            crowd = [await rt.spawn(f"villager-{i}",
-                                    system=_text(sizes.restore_context, f"Villager {i}.", ratio))
+            crowd = [await rt.spawn(f"villager-{i}", system=world_text(
+                         sizes.restore_context, f"Villager {i}.", ratio))
                      for i in range(sizes.restore_agents)]
             await _turns(crowd, "Good morning.", sizes.restore_tokens)
             before = rt.statistics()
@@ -655,7 +676,7 @@ def _gaps(stamps: list[list[float]], window: tuple[float, float] | None = None) 
 async def _itl(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
     async with open_runtime(model=model, prefill_step_size=PREFILL_STEP_SIZE) as rt:
         long_tokens = min(sizes.long_prompt, rt.model.context_length - 200)
-        ratio = await _chars_per_token(rt)
+        ratio = await chars_per_token(rt)
         systems = _systems(sizes.itl_agents)
         warm = [await rt.spawn(f"warm-{i}", system=s) for i, s in enumerate(systems)]
         await _turns(warm, USER, 4)
@@ -664,7 +685,7 @@ async def _itl(model: str, sizes: Sizes, out: TextIO) -> dict[str, Any]:
 
         joined = [await rt.spawn(f"joined-{i}", system=s) for i, s in enumerate(systems)]
         reader = await rt.spawn("reader")
-        text = _text(long_tokens, "Read this.", ratio)
+        text = world_text(long_tokens, "Read this.", ratio)
         started = anyio.Event()
         prefill: dict[str, float] = {}
 

@@ -22,11 +22,9 @@ from typing import TextIO
 
 import anyio
 
-from . import BLAS
-from ._bench import first_token_seconds
-from ._runtime import Runtime, open_runtime
-from .actors._agent import Agent
-from .actors._engine import IDLE_TRIM_SECONDS
+from troupe import BLAS, Agent, Runtime, open_runtime
+
+from .batching import first_token_seconds
 
 WORLD = (
     "The village of Millbrook sits by a slow river between two hills. Its market opens at "
@@ -34,7 +32,7 @@ WORLD = (
 )
 
 
-async def _chars_per_token(rt: Runtime) -> float:
+async def chars_per_token(rt: Runtime) -> float:
     """How many characters of WORLD-like prose make one token under this tokenizer."""
     probe = await rt.spawn("probe-tokenizer", system=WORLD * 8)
     bare = await rt.spawn("probe-bare")
@@ -43,13 +41,15 @@ async def _chars_per_token(rt: Runtime) -> float:
     return len(WORLD * 8) / max(1, with_text - without)
 
 
-def _text(tokens: int, salt: str, chars_per_token: float) -> str:
-    """About ``tokens`` tokens of prose starting with ``salt`` (so contexts do not share)."""
-    chars = int(tokens * chars_per_token)
+def world_text(tokens: int, salt: str, ratio: float) -> str:
+    """About ``tokens`` tokens of prose starting with ``salt`` (so contexts do not share),
+    ``ratio`` being what ``chars_per_token`` measured."""
+    chars = int(tokens * ratio)
     return (salt + " " + WORLD * (chars // len(WORLD) + 2))[:chars]
 
 
 async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
+    """Time to first token, cold vs hot vs restored from disk, at 1K-4K tokens of context."""
     print(f"troupe bench ttft: model {model!r}, BLAS {BLAS.name}", file=out, flush=True)
     # The hot and the restored turn send the same message, so they prefill as many new
     # tokens (the reply's last token and the message): their difference is the restore.
@@ -61,10 +61,11 @@ async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
             sizes = [s for s in (1024, 2048, 4096) if s < limit] + (
                 [limit - 200] if limit - 200 > 2048 and limit <= 4096 else [])
             await (await rt.spawn("warmup")).say("warm up", max_tokens=4)
-            ratio = await _chars_per_token(rt)
+            ratio = await chars_per_token(rt)
             agents = {}
             for size in sizes:
-                agent = await rt.spawn(f"ctx{size}", system=_text(size, f"Agent {size}.", ratio))
+                agent = await rt.spawn(f"ctx{size}",
+                                       system=world_text(size, f"Agent {size}.", ratio))
                 cold = await first_token_seconds(agent, "What happened first?", 2)
                 before = agent.statistics().tokens_prefilled
                 hot = await first_token_seconds(agent, again, 2)
@@ -87,13 +88,14 @@ async def bench_ttft(*, model: str, out: TextIO = sys.stdout) -> None:
 
 
 async def bench_bytes(*, model: str, turns: int = 50, out: TextIO = sys.stdout) -> None:
+    """Bytes the store writes over a ``turns``-turn conversation vs a whole file per turn."""
     print(f"troupe bench bytes: model {model!r}, {turns}-turn conversation", file=out,
           flush=True)
     with tempfile.TemporaryDirectory(prefix="troupe-bench-") as store:
         async with open_runtime(model=model, store=store) as rt:
             per_token = rt.model.kv_bytes_per_token
-            agent = await rt.spawn("talker", system=_text(200, "You talk a lot.",
-                                                           await _chars_per_token(rt)))
+            agent = await rt.spawn("talker", system=world_text(200, "You talk a lot.",
+                                                               await chars_per_token(rt)))
             whole_file = 0
             for i in range(turns):
                 await agent.say(f"Tell me about day {i}.", max_tokens=24, temperature=0.0)
@@ -126,6 +128,8 @@ async def bench_scale(
     *, model: str, agents: int, turns: int, budget: str, max_tokens: int, batch: int,
     out: TextIO = sys.stdout,
 ) -> None:
+    """``agents`` agents with >=1K-token contexts taking ``turns`` turns each at once through
+    a ``budget`` of KV memory with a store: throughput, the tiers' traffic, memory."""
     print(f"troupe bench scale: {agents} agents x {turns} turns, model {model!r}, "
           f"budget {budget}, batch {batch}, BLAS {BLAS.name}", file=out, flush=True)
     rss_before = _peak_rss_mb()
@@ -133,7 +137,7 @@ async def bench_scale(
         async with open_runtime(model=model, store=store, kv_budget=budget,
                                 max_batch_size=batch) as rt:
             model_mb = Path(rt.model.path).joinpath("model.safetensors").stat().st_size / 1e6
-            world = _text(1000, "The world.", await _chars_per_token(rt))
+            world = world_text(1000, "The world.", await chars_per_token(rt))
             crowd = [await rt.spawn(f"v{i}", system=f"{world} You are villager {i}.")
                      for i in range(agents)]
             started = time.perf_counter()
@@ -155,8 +159,9 @@ async def bench_scale(
             elapsed = time.perf_counter() - started
             stats = rt.statistics()
             contexts = [a.statistics().cached_tokens for a in crowd]
-            # An idle engine hands the heap's free pages back to the OS (actors/_heap.py).
-            await anyio.sleep(IDLE_TRIM_SECONDS + 1.0)
+            # An idle engine hands the memory turns freed back to the OS: wait until it did.
+            settled = rt.idle_trim_seconds + 1.0
+            await anyio.sleep(settled)
             idle = _resident_mb()
     peak = _peak_rss_mb()
     budget_mb = stats.kv_budget / 1e6
@@ -172,4 +177,4 @@ async def bench_scale(
           f"{model_mb + budget_mb + 300:.0f} MB)\n"
           f"  RSS when idle      "
           f"{'unknown' if idle is None else f'{idle:.0f} MB'} (the runtime still open, "
-          f"{IDLE_TRIM_SECONDS + 1.0:.0f} s after the last turn)", file=out, flush=True)
+          f"{settled:.0f} s after the last turn)", file=out, flush=True)

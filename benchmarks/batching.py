@@ -14,9 +14,7 @@ from typing import TextIO
 
 import anyio
 
-from . import BLAS
-from ._runtime import open_runtime
-from .actors._agent import Agent
+from troupe import BLAS, Agent, open_runtime
 
 
 async def first_token_seconds(agent: Agent, text: str, max_tokens: int = 8) -> float:

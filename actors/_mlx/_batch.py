@@ -5,12 +5,17 @@ Engine thread only (MLX streams are thread-local).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import mlx.core as mx
 
 from ._blocks import KVLayers
 from ._model import LoadedModel
 from ._sampling import Sampler
+
+if TYPE_CHECKING:
+    from ._generator import RowsGenerator
 
 
 @attrs.frozen
@@ -45,30 +50,21 @@ class Batch:
         than mlx-lm's, which returns the tokens it feeds and samples the next ones
         asynchronously (the default elsewhere). Greedy replies are the same either way."""
         # Imported here, not above: importing mlx-lm takes seconds.
-        from mlx_lm.generate import BatchGenerator
-
-        from ._generator import EagerGenerator, RowsGeneration, RowsPrompt
+        from ._generator import EagerGenerator, RowsGenerator
 
         if eager is None:
             eager = eager_default()
         self._model = model
-        self._generator = BatchGenerator(
+        generator = EagerGenerator if eager else RowsGenerator
+        self._generator: RowsGenerator = generator(
             model.model,
+            # The generation batch's KV buffer keeps free rows for rows that join.
+            reserve_rows=max_batch_size,
             stop_tokens=[[t] for t in sorted(model.info.eos_token_ids)],
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(8, max_batch_size),
             prefill_step_size=prefill_step_size,
         )
-        # The generation batch and the prompt batch are made once and live as long as the
-        # generator: troupe's classes for them copy less KV.
-        generation = self._generator._generation_batch
-        generation.__class__ = RowsGeneration
-        generation.reserve_rows = max_batch_size
-        generation.kept_from = {}
-        generation.eager = eager
-        self._generator._prompt_batch.__class__ = RowsPrompt
-        if eager:
-            self._generator.__class__ = EagerGenerator
 
     def insert(
         self,
@@ -92,7 +88,7 @@ class Batch:
         """When sequence ``uid`` ends, its cache need only hold tokens from ``token`` on
         (the caller has the rest as blocks): the copy made as it leaves the batch is that
         much smaller. Its cache is then a ``RowSuffix``, which ``cut_blocks`` reads."""
-        self._generator._generation_batch.kept_from[uid] = token
+        self._generator.generation_batch.kept_from[uid] = token
 
     def step(self) -> tuple[list[int], list[StepOutput]]:
         """One step: the uids whose prompt is now wholly in the cache (they moved on to
@@ -115,16 +111,11 @@ class Batch:
 
         Copy what you keep of it and let it go before the next ``step``: while it lives, the
         batch's updates of its buffer copy the buffer whole."""
-        from ._batch_cache import BatchKV
-
-        generation = self._generator._generation_batch
-        if uid in generation.uids and all(isinstance(c, BatchKV)
-                                          for c in generation.prompt_cache):
-            # Views, not mlx-lm's evaluated copy of the whole row: troupe's cut copies only
-            # the blocks it keeps (a hot turn's first token came ~20 ms later with the copy).
-            idx = generation.uids.index(uid)
-            return ([c.row_view(idx) for c in generation.prompt_cache],
-                    list(generation.tokens[idx]))
+        # Views, not mlx-lm's evaluated copy of the whole row: troupe's cut copies only the
+        # blocks it keeps (a hot turn's first token came ~20 ms later with the copy).
+        views = self._generator.generation_batch.row_views(uid)
+        if views is not None:
+            return views
         caches = self._generator.extract_cache([uid])
         if uid not in caches:
             return None
@@ -134,7 +125,7 @@ class Batch:
     def remove(self, uid: int) -> tuple[KVLayers, list[int]] | None:
         """Take a sequence out mid-flight; returns its cache and the tokens it covers."""
         caches = self._generator.remove([uid], return_prompt_caches=True)
-        self._generator._generation_batch.kept_from.pop(uid, None)
+        self._generator.generation_batch.kept_from.pop(uid, None)
         if uid not in caches:
             return None
         cache, tokens = caches[uid]
@@ -143,12 +134,12 @@ class Batch:
     @property
     def prefill_seconds(self) -> float:
         """Time spent prefilling prompts, all told."""
-        return float(self._generator._counters.prompt_time)
+        return float(self._generator.counters.prompt_time)
 
     @property
     def decode_seconds(self) -> float:
         """Time spent in generation steps, all told."""
-        return float(self._generator._counters.decode_time)
+        return float(self._generator.counters.decode_time)
 
     def close(self) -> None:
         """Give back what mlx-lm's generator set up (its wired memory limit)."""

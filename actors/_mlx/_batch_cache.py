@@ -21,6 +21,8 @@ peak from 2,243 to 2,074-2,111 MB. tests/test_turns.py, tests/test_engine.py and
 tests/test_blocks.py pin that replies stay the same.
 
 Importing this module imports mlx-lm (seconds): troupe imports it when it first needs it.
+The mlx-lm private names each class uses are in one block of that class, which names where
+in mlx-lm they come from.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ._blocks import BlockLayout
 class BatchKV(BatchKVCache):  # type: ignore[misc]
     """mlx-lm's left-padded batch cache in a buffer it reuses. Rows ``[0, live)`` are
     the batch's (``live`` is the length of ``offset``) and the rows after them are free;
-    columns ``[start, start + _idx)`` hold what mlx-lm's cache would (``_idx``,
+    columns ``[start, start + filled)`` hold what mlx-lm's cache would (``filled``,
     ``offset`` and ``left_padding`` keep their meaning), and the columns before
     ``start`` are padding every row shared, dropped without a copy. The buffer is
     replaced only when its columns run out: a window that reaches the end moves back
@@ -47,15 +49,39 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
     values: Any
     offset: Any
     left_padding: Any
-    _right_padding: Any
-    _idx: int
     start = 0
     reserve_rows = 0
     """Rows a new buffer may keep free for rows that join later (the running batch's:
     its largest size): up to as many as are live, so the buffer doubles as it fills."""
 
+    # mlx-lm's private names, used only in this block: BatchKVCache's ``_idx`` and
+    # ``_right_padding``, set in its __init__ (mlx_lm/models/cache.py, class BatchKVCache).
+    _idx: int
+    _right_padding: Any
+
+    @property
+    def filled(self) -> int:
+        """Columns of the window in use, the shared left padding included (``_idx``)."""
+        return self._idx
+
+    @filled.setter
+    def filled(self, columns: int) -> None:
+        self._idx = columns
+
+    @property
+    def right_padding(self) -> Any:
+        """Per row, the columns a ragged prompt chunk left short, or None (set by
+        BatchKVCache.prepare, read by its finalize: ``_right_padding``)."""
+        return self._right_padding
+
+    @right_padding.setter
+    def right_padding(self, padding: Any) -> None:
+        self._right_padding = padding
+
+    # troupe's own code from here on.
+
     @classmethod
-    def from_rows(cls, rows: list[RowKV]) -> Any:
+    def from_rows(cls, rows: list[RowKV]) -> BatchKV:
         """Rows left-padded to the longest, copied once from their parts, with room."""
         lengths = [int(row.offset) for row in rows]
         longest = max(lengths)
@@ -70,7 +96,7 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
                 cache.values[i : i + 1, :, at : at + n, :] = v
                 at += n
         cache.offset += longest
-        cache._idx = longest
+        cache.filled = longest
         _settle(cache.keys, cache.values)
         return cache
 
@@ -79,19 +105,19 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
         return int(self.offset.shape[0])
 
     def _window(self, rows: slice) -> tuple[Any, Any]:
-        columns = slice(self.start, self.start + self._idx)
+        columns = slice(self.start, self.start + self.filled)
         return self.keys[rows, :, columns], self.values[rows, :, columns]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Any:
         if self.keys is None:
             return super().update_and_fetch(keys, values)
         live, n = keys.shape[0], keys.shape[2]
-        if (self.start + self._idx + n > self.keys.shape[2]
-                and self._idx + n + self.step // 4 <= self.keys.shape[2]):
+        if (self.start + self.filled + n > self.keys.shape[2]
+                and self.filled + n + self.step // 4 <= self.keys.shape[2]):
             # Out of room at the end but not at the front (dropped padding): the window
             # moves back to column 0 in place, rather than into a new buffer.
             self._rebase()
-        if self.start + self._idx + n > self.keys.shape[2]:
+        if self.start + self.filled + n > self.keys.shape[2]:
             # Out of room: a new buffer, grown by whole steps as mlx-lm does.
             grow = -(-n // self.step) * self.step
             pad = [(0, 0), (0, 0), (0, grow), (0, 0)]
@@ -100,9 +126,9 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
             self.keys, self.values = mx.pad(window[0], pad), mx.pad(window[1], pad)
             self.start = 0
             _settle(self.keys, self.values)
-        at = self.start + self._idx
+        at = self.start + self.filled
         self.offset = self.offset + n
-        self._idx += n
+        self.filled += n
         self.keys[:live, :, at : at + n, :] = keys
         self.values[:live, :, at : at + n, :] = values
         return self.keys_and_values()
@@ -115,8 +141,8 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
         live = self.live
         moved = [mx.contiguous(a) for a in self._window(slice(0, live))]
         mx.eval(moved)
-        self.keys[:live, :, : self._idx] = moved[0]
-        self.values[:live, :, : self._idx] = moved[1]
+        self.keys[:live, :, : self.filled] = moved[0]
+        self.values[:live, :, : self.filled] = moved[1]
         self.start = 0
         # Now, so this layer's copy is freed (for the next layer's to reuse) before the
         # next layer's is made.
@@ -147,7 +173,7 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
         shift = min(self.left_padding.tolist())
         if shift > 0:
             self.start += shift
-            self._idx -= shift
+            self.filled -= shift
             self.left_padding -= shift
 
     def extend(self, other: Any) -> None:
@@ -158,27 +184,27 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
             super().extend(other)
             return
         live, joining = self.live, other.live
-        wider = other._idx - self._idx
+        wider = other.filled - self.filled
         if live + joining <= self.keys.shape[0] and 0 < wider <= self.start:
             # The group's rows are longer: the window takes back columns of the padding
             # it dropped (padding again for the rows here; their old values are finite).
             self.start -= wider
-            self._idx += wider
+            self.filled += wider
             self.left_padding = self.left_padding + wider
-        if live + joining <= self.keys.shape[0] and other._idx <= self._idx:
+        if live + joining <= self.keys.shape[0] and other.filled <= self.filled:
             # The group fits in the free rows, right-aligned like the rest: only its
             # rows are copied, not the whole batch.
-            _place(self.keys, self.values, live, self.start + self._idx, other, 0)
+            other._place(self.keys, self.values, live, self.start + self.filled, 0)
             self.offset = mx.concatenate([self.offset, other.offset])
             self.left_padding = mx.concatenate(
-                [self.left_padding, other.left_padding + self._idx - other._idx])
+                [self.left_padding, other.left_padding + self.filled - other.filled])
             return
         # As mlx-lm lays it out (both right-aligned at the longer end, the larger room),
         # but one copy into a new buffer, not a padded copy concatenated into another,
         # and without the padding every row would share.
-        longer = max(self._idx, other._idx)
-        shared = min(min(self.left_padding.tolist()) + longer - self._idx,
-                     min(other.left_padding.tolist()) + longer - other._idx)
+        longer = max(self.filled, other.filled)
+        shared = min(min(self.left_padding.tolist()) + longer - self.filled,
+                     min(other.left_padding.tolist()) + longer - other.filled)
         end = longer - shared
         capacity = max(self.keys.shape[2] - self.start, other.keys.shape[2] - other.start)
         _, heads, _, key_dim = self.keys.shape
@@ -188,26 +214,36 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
                           self.values.dtype)
         paddings = []
         for first, cache in ((0, self), (live, other)):
-            skip = max(0, cache._idx - end)  # columns of the shared padding, left out
-            _place(keys, values, first, end, cache, skip)
-            paddings.append(cache.left_padding + end - cache._idx)
+            skip = max(0, cache.filled - end)  # columns of the shared padding, left out
+            cache._place(keys, values, first, end, skip)
+            paddings.append(cache.left_padding + end - cache.filled)
         _settle(keys, values)
         self.keys, self.values, self.start = keys, values, 0
         self.offset = mx.concatenate([self.offset, other.offset])
         self.left_padding = mx.concatenate(paddings)
-        self._idx = end
+        self.filled = end
+
+    def _place(self, keys: mx.array, values: mx.array, first: int, end: int,
+               skip: int) -> None:
+        """Copy this cache's live rows into rows ``first`` on of ``keys``/``values``, their
+        window right-aligned to column ``end``, leaving out its first ``skip`` columns."""
+        rows = slice(first, first + self.live)
+        source_keys, source_values = self._window(slice(0, self.live))
+        columns = slice(end - self.filled + skip, end)
+        keys[rows, :, columns] = source_keys[..., skip:, :]
+        values[rows, :, columns] = source_values[..., skip:, :]
 
     def finalize(self) -> None:
         # mlx-lm rolls the whole buffer to right-align the rows a ragged prompt chunk
         # left short (a copy of the prompt batch per chunk): only those rows move here.
-        padding = self._right_padding
+        padding = self.right_padding
         if padding is None or self.keys is None:
             super().finalize()
             return
         self._move_rows([(i, i, p) for i, p in enumerate(padding.tolist()) if p > 0])
         self.offset = self.offset - padding
         self.left_padding = self.left_padding + padding
-        self._right_padding = None
+        self.right_padding = None
 
     def _move_rows(self, moves: list[tuple[int, int, int]]) -> None:
         """For each (to, row, shift) of ``moves``, row ``row``'s KV to row ``to``,
@@ -223,11 +259,11 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
                           mx.contiguous(values[..., :end, :])))
         mx.eval(moved)
         for (to, _, shift), (k, v) in zip(moves, moved, strict=True):
-            columns = slice(self.start + shift, self.start + self._idx)
+            columns = slice(self.start + shift, self.start + self.filled)
             self.keys[to : to + 1, :, columns] = k
             self.values[to : to + 1, :, columns] = v
 
-    def take(self, rows: list[int]) -> Any:
+    def take(self, rows: list[int]) -> BatchKV:
         """A new cache of ``rows`` (an evaluated copy of just those rows)."""
         taken = copy.copy(self)
         index = mx.array(rows)
@@ -245,17 +281,17 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
                                       for a in (self.keys, self.values))
             self.start = 0
 
-    def row_view(self, idx: int) -> Any:
+    def row_view(self, idx: int) -> KVCache:
         """Row ``idx`` as a plain cache of views into the buffer."""
         padding = int(self.left_padding[idx].item())
-        row = slice(self.start + padding, self.start + self._idx)
+        row = slice(self.start + padding, self.start + self.filled)
         cache = KVCache()
         cache.keys = self.keys[idx : idx + 1, :, row]
         cache.values = self.values[idx : idx + 1, :, row]
-        cache.offset = self._idx - padding
+        cache.offset = self.filled - padding
         return cache
 
-    def extract(self, idx: int, first: int = 0) -> Any:
+    def extract(self, idx: int, first: int = 0) -> RowSuffix:
         """Row ``idx`` as an evaluated copy of its tokens from ``first`` on (a
         ``RowSuffix``; the tokens before it are the caller's already)."""
         # mlx-lm takes a finished row out just before the batch's filter moves rows in
@@ -269,6 +305,7 @@ class BatchKV(BatchKVCache):  # type: ignore[misc]
         mx.eval(cache.keys, cache.values)
         return cache
 
+
 class RowSuffix(KVCache):  # type: ignore[misc]
     """A finished row's cache that holds only its tokens from ``skipped`` on:
     ``offset`` counts them all, ``keys`` and ``values`` start at token ``skipped``."""
@@ -277,7 +314,11 @@ class RowSuffix(KVCache):  # type: ignore[misc]
         super().__init__()
         self.skipped = skipped
 
+
 class RowKV(KVCache):  # type: ignore[misc]
+    """One layer of a row waiting to join the batch: its KV as parts, not yet copied,
+    and room for the tokens to come (``row_cache`` makes them)."""
+
     keys: Any
     values: Any
 
@@ -296,20 +337,9 @@ class RowKV(KVCache):  # type: ignore[misc]
             self.values = values[0] if len(values) == 1 else mx.concatenate(values, axis=2)
 
     @classmethod
-    def merge(cls, caches: list[Any]) -> Any:
+    def merge(cls, caches: list[Any]) -> BatchKV:
         # mlx-lm merges with the first row's class; troupe hands every row in as a RowKV.
         return BatchKV.from_rows(caches)
-
-
-def _place(keys: mx.array, values: mx.array, first: int, end: int, source: Any,
-           skip: int) -> None:
-    """Copy ``source``'s live rows into rows ``first`` on of ``keys``/``values``, their
-    window right-aligned to column ``end``, leaving out its first ``skip`` columns."""
-    rows = slice(first, first + source.live)
-    source_keys, source_values = source._window(slice(0, source.live))
-    columns = slice(end - source._idx + skip, end)
-    keys[rows, :, columns] = source_keys[..., skip:, :]
-    values[rows, :, columns] = source_values[..., skip:, :]
 
 
 def _settle(keys: mx.array, values: mx.array) -> None:

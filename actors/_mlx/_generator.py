@@ -1,17 +1,19 @@
 """troupe's subclasses of mlx-lm's continuous batching classes (mlx_lm/generate.py).
 
-``RowsGeneration`` and ``RowsPrompt`` are mlx-lm's generation and prompt batches, which
-move rows in and out of ``_batch_cache.BatchKV`` buffers without copying the batch (that
-module says how); ``EagerGenerator`` is mlx-lm's generator with eager steps.
+``RowsGenerator`` is mlx-lm's ``BatchGenerator`` whose prompt batch and generation batch
+are troupe's (``RowsPrompt``, ``RowsGeneration``): they move rows in and out of
+``_batch_cache.BatchKV`` buffers without copying the batch (that module says how).
+``EagerGenerator`` adds eager steps: a step returns the tokens it samples.
 
 Importing this module imports mlx-lm (seconds): troupe imports it when it first needs it.
+The mlx-lm private names each class uses are in one block of that class, which names where
+in mlx-lm they come from.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
@@ -30,20 +32,10 @@ class RowsGeneration(GenerationBatch):  # type: ignore[misc]
     """A step returns the tokens it samples, not (as mlx-lm's) the ones it feeds."""
     _deferred = False
 
-    @classmethod
-    def joining(cls, prompted: Any, last: list[int]) -> Any:
-        """Rows that finished their prompt but its last token, which they feed in the
-        running batch's next step (mlx-lm steps them once on their own first)."""
-        batch = cls.__new__(cls)
-        batch._deferred = True
-        GenerationBatch.__init__(
-            batch, prompted.model, prompted.uids, mx.array(last), prompted.prompt_cache,
-            prompted.tokens, prompted.samplers, prompted.fallback_sampler,
-            prompted.logits_processors, prompted.stop_sequences, prompted.max_tokens)
-        batch._deferred = False
-        # One entry per row, as mlx-lm's filter expects, until their first step.
-        batch._next_logprobs = [mx.array(0.0)] * len(batch.uids)
-        return batch
+    # mlx-lm's private names, used only in this block (mlx_lm/generate.py, class
+    # GenerationBatch): ``_step``, one forward pass that feeds each row a token and samples
+    # the next (its __init__ runs one); ``_next_tokens`` and ``_next_logprobs``, what it
+    # sampled, set at its end and fed by the next ``_step``.
 
     def _step(self) -> Any:
         if self._deferred:
@@ -57,6 +49,44 @@ class RowsGeneration(GenerationBatch):  # type: ignore[misc]
         # the pipelining only delays each token by a step: return the sampled ones.
         mx.eval(self._next_tokens, self._next_logprobs)
         return self._next_tokens.tolist(), self._next_logprobs
+
+    def _no_samples_yet(self) -> None:
+        # One entry per row, as mlx-lm's filter expects, until their first step.
+        self._next_logprobs = [mx.array(0.0)] * len(self.uids)
+
+    # troupe's own code from here on.
+
+    @classmethod
+    def started(cls, model: Any, sampler: Any, *, reserve_rows: int,
+                eager: bool) -> RowsGeneration:
+        """The generator's generation batch, empty (made once, as mlx-lm makes its own)."""
+        batch: RowsGeneration = cls.empty(model, sampler)
+        batch.reserve_rows = reserve_rows
+        batch.kept_from = {}
+        batch.eager = eager
+        return batch
+
+    @classmethod
+    def joining(cls, prompted: Any, last: list[int]) -> RowsGeneration:
+        """Rows that finished their prompt but its last token, which they feed in the
+        running batch's next step (mlx-lm steps them once on their own first)."""
+        batch = cls.__new__(cls)
+        batch._deferred = True
+        GenerationBatch.__init__(
+            batch, prompted.model, prompted.uids, mx.array(last), prompted.prompt_cache,
+            prompted.tokens, prompted.samplers, prompted.fallback_sampler,
+            prompted.logits_processors, prompted.stop_sequences, prompted.max_tokens)
+        batch._deferred = False
+        batch._no_samples_yet()
+        return batch
+
+    def row_views(self, uid: int) -> tuple[list[Any], list[int]] | None:
+        """Row ``uid``'s cache as views into the batch's buffer (``BatchKV.row_view``) and
+        its tokens; None if it is not in this batch or its cache is not troupe's."""
+        if uid in self.uids and all(isinstance(c, BatchKV) for c in self.prompt_cache):
+            idx = self.uids.index(uid)
+            return ([c.row_view(idx) for c in self.prompt_cache], list(self.tokens[idx]))
+        return None
 
     def extend(self, batch: Any) -> None:
         for cache in (*self.prompt_cache, *batch.prompt_cache):
@@ -80,10 +110,11 @@ class RowsGeneration(GenerationBatch):  # type: ignore[misc]
         movers = iter(i for i in keep if i >= count)
         super().filter([i if i in kept else next(movers) for i in range(count)])
 
+
 class RowsPrompt(PromptProcessingBatch):  # type: ignore[misc]
     """mlx-lm's prompt batch, whose rows that finish their prompt leave as a copy of
     just those rows, or with its buffer if all leave (mlx-lm deep-copied the whole
-    batch, then filtered both copies)."""
+    batch, then filtered both copies). It uses no private name of mlx-lm's."""
 
     prompt_cache: list[Any]
 
@@ -105,68 +136,104 @@ class RowsPrompt(PromptProcessingBatch):  # type: ignore[misc]
         self.filter(sorted(set(range(len(self.uids))) - set(indices)))
         return leaving
 
-class EagerGenerator(BatchGenerator):  # type: ignore[misc]
+
+class EagerPrompt(RowsPrompt):
+    """The prompt batch of eager steps: its rows that finished their prompt but the last
+    token join the running batch as ``RowsGeneration.joining`` rows, unstepped (mlx-lm's
+    ``generate`` stepped them once on their own). It uses no private name of mlx-lm's."""
+
+    def generate(self, tokens: list[list[int]]) -> RowsGeneration:
+        # As mlx-lm's generate: each row's tokens but the last are prompt (none, as
+        # BatchGenerator.insert leaves them), the last is fed by the running batch's step.
+        if any(len(t) > 1 for t in tokens):
+            self.prompt([t[:-1] for t in tokens])
+        return RowsGeneration.joining(self, [t[-1] for t in tokens])
+
+
+class RowsGenerator(BatchGenerator):  # type: ignore[misc]
+    """mlx-lm's generator with troupe's prompt and generation batches, made once and kept
+    as long as the generator (as mlx-lm's are): they copy less KV."""
+
+    eager: ClassVar[bool] = False
+    """Whether a step returns the tokens it samples (``EagerGenerator``)."""
+
+    # mlx-lm's private names, used only in this block (mlx_lm/generate.py, class
+    # BatchGenerator, all set in its __init__): ``_prompt_batch`` and ``_generation_batch``,
+    # the batches; ``_counters``, its time and token counts; ``_currently_processing``, per
+    # prompt-batch row, [segments left, tokens done, tokens in all].
+
+    def __init__(self, model: Any, *, reserve_rows: int, **options: Any) -> None:
+        """``options`` are BatchGenerator's; ``reserve_rows``: the generation batch's KV
+        buffer keeps free rows for rows that join, up to this many rows in all."""
+        super().__init__(model, **options)
+        prompt = EagerPrompt if self.eager else RowsPrompt
+        self._prompt_batch = prompt.empty(
+            self.model, self.sampler, prefill_step_size=self.prefill_step_size)
+        self._generation_batch = RowsGeneration.started(
+            self.model, self.sampler, reserve_rows=reserve_rows, eager=self.eager)
+
+    @property
+    def prompt_batch(self) -> RowsPrompt:
+        """The rows whose prompt is being prefilled."""
+        batch: RowsPrompt = self._prompt_batch
+        return batch
+
+    @property
+    def generation_batch(self) -> RowsGeneration:
+        """The rows being decoded."""
+        batch: RowsGeneration = self._generation_batch
+        return batch
+
+    @property
+    def counters(self) -> Any:
+        """mlx-lm's BatchCounters: ``prompt_time`` and ``decode_time``, in seconds."""
+        return self._counters
+
+    @property
+    def prefill_progress(self) -> list[Any]:
+        """Per prompt-batch row: [segments left, tokens done, tokens in all]."""
+        progress: list[Any] = self._currently_processing
+        return progress
+
+    @prefill_progress.setter
+    def prefill_progress(self, progress: list[Any]) -> None:
+        self._currently_processing = progress
+
+
+class EagerGenerator(RowsGenerator):
     """mlx-lm's generator with eager steps (``RowsGeneration.eager``): rows that
     finished their prompt join the running batch before its step and feed their last
     prompt token in it, so their first token comes out of that step (mlx-lm stepped
     them on their own, and their first token came out of the step after)."""
 
-    _currently_processing: list[Any]
-    """mlx-lm's: per prompt-batch row, [segments left, tokens done, tokens in all]."""
+    eager: ClassVar[bool] = True
+
+    # mlx-lm's private name, used only in this block: ``_next`` (mlx_lm/generate.py,
+    # BatchGenerator._next, which BatchGenerator.next calls): one step of the generation
+    # batch, then the prompt batch's rows that finish their prompt move on to it (here
+    # through EagerPrompt.generate) and the others prefill their next chunk.
+
+    def _next(self) -> Any:
+        # Rows whose prompt the last step finished join first, to step with the batch now.
+        joined = self._join_prompted()
+        prompt_responses, generation_responses = super()._next()
+        return joined + prompt_responses, generation_responses
+
+    # troupe's own code from here on.
 
     def _join_prompted(self) -> list[Any]:
-        split = [i for i, (segments, _, _) in enumerate(self._currently_processing)
+        """Move the prompt batch's rows with only their last token left to the generation
+        batch, as mlx-lm's ``_next`` does after its generation step."""
+        progress = self.prefill_progress
+        split = [i for i, (segments, _, _) in enumerate(progress)
                  if len(segments) == 1 and len(segments[0]) == 1]
         if not split:
             return []
-        last = [self._currently_processing[i][0][0][0] for i in split]
-        totals = [self._currently_processing[i][2] for i in split]
+        last = [progress[i][0][0] for i in split]
+        totals = [progress[i][2] for i in split]
         leaving = set(split)
-        self._currently_processing = [p for i, p in enumerate(self._currently_processing)
-                                      if i not in leaving]
-        joining = RowsGeneration.joining(self._prompt_batch.split(split), last)
-        self._generation_batch.extend(joining)
+        self.prefill_progress = [p for i, p in enumerate(progress) if i not in leaving]
+        joining = self.prompt_batch.split(split).generate(last)
+        self.generation_batch.extend(joining)
         return [PromptProcessingBatch.Response(uid, (total, total), True, True)
                 for uid, total in zip(joining.uids, totals, strict=True)]
-
-    def _next(self) -> Any:
-        # mlx-lm's _next, with the prompt batch's finished rows joining first.
-        prompt_responses = self._join_prompted()
-        generation_responses = []
-        counters = self._counters
-        if len(self._generation_batch) > 0:
-            tic = time.perf_counter()
-            generation_responses = self._generation_batch.next()
-            counters.decode_time += time.perf_counter() - tic
-            counters.generation_tokens += len(generation_responses)
-            counters.generation_steps += 1
-            if counters.generation_steps % 512 == 0:
-                mx.clear_cache()
-        if len(self._generation_batch) >= self.completion_batch_size:
-            return prompt_responses, generation_responses
-        n = min(self.prefill_batch_size - len(self._prompt_batch),
-                self.completion_batch_size - len(self._generation_batch),
-                len(self._unprocessed_sequences))
-        if n > 0:
-            self._prompt_batch.extend(self._make_batch(n))
-        # Rows queued with a one-token prompt: they step with the batch next time.
-        prompt_responses += self._join_prompted()
-        prompts = []
-        for i, progress in enumerate(self._currently_processing):
-            response = PromptProcessingBatch.Response(
-                self._prompt_batch.uids[i], 0, False, False)
-            segments = progress[0]
-            chunk = segments[0][: self.prefill_step_size]
-            segments[0] = segments[0][len(chunk):]
-            if not segments[0]:
-                segments.pop(0)
-                response.end_of_segment = True
-            prompts.append(chunk)
-            progress[1] += len(chunk)
-            response.progress = (progress[1], progress[2])
-            prompt_responses.append(response)
-        counters.prompt_tokens += sum(len(p) for p in prompts)
-        tic = time.perf_counter()
-        self._prompt_batch.prompt(prompts)
-        counters.prompt_time += time.perf_counter() - tic
-        return prompt_responses, generation_responses

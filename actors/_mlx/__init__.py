@@ -11,7 +11,10 @@ arrays here must run on the engine thread (MLX streams are thread-local).
 - ``_blocks``: KV caches as blocks: ``BlockLayout``, ``cut_blocks``, ``row_cache``...
 - ``_batch``: continuous batching behind a typed surface (``Batch``).
 - ``_batch_cache``, ``_generator``: troupe's subclasses of mlx-lm's KV cache and batch
-  generator classes; imported on first use, since importing mlx-lm takes seconds.
+  generator classes, the only code that uses mlx-lm's private names; imported on first
+  use, since importing mlx-lm takes seconds.
+- ``_version``: the mlx-lm versions those subclasses were written against, checked when a
+  model is loaded (ModelLoadError outside them).
 """
 
 from ._batch import Batch, StepOutput, eager_default, release_thread_resources

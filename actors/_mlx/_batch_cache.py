@@ -22,7 +22,7 @@ tests/test_blocks.py pin that replies stay the same.
 
 Importing this module imports mlx-lm (seconds): troupe imports it when it first needs it.
 The mlx-lm private names each class uses are in one block of that class, which names where
-in mlx-lm they come from.
+in mlx-lm they come from; ``_version.MLX_LM_SUPPORTED`` is the range they were read from.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ are troupe's (``RowsPrompt``, ``RowsGeneration``): they move rows in and out of
 
 Importing this module imports mlx-lm (seconds): troupe imports it when it first needs it.
 The mlx-lm private names each class uses are in one block of that class, which names where
-in mlx-lm they come from.
+in mlx-lm they come from; ``_version.MLX_LM_SUPPORTED`` is the range they were read from.
 """
 
 from __future__ import annotations

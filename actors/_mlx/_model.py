@@ -12,6 +12,7 @@ import mlx.core as mx
 from ..._errors import ModelLoadError
 from ._blocks import BlockLayout
 from ._tokenizer import Tokenizer
+from ._version import check_mlx_lm_version, installed_mlx_lm_version
 
 
 @attrs.frozen
@@ -42,12 +43,18 @@ def _context_length(config: dict[str, Any]) -> int:
 
 
 class LoadedModel:
-    """A model and its tokenizer, loaded on the engine thread."""
+    """A model and its tokenizer, loaded on the engine thread.
+
+    ModelLoadError if ``path`` is not a model mlx-lm loads, or if the installed mlx-lm is
+    not a version troupe supports (``_version.MLX_LM_SUPPORTED``): troupe's batch classes
+    use mlx-lm's private names, so another version is refused here, before any batch runs.
+    """
 
     def __init__(self, path: Path) -> None:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        check_mlx_lm_version(installed_mlx_lm_version())
         try:
             from mlx_lm import load
             from mlx_lm.models.cache import KVCache, make_prompt_cache

@@ -45,7 +45,7 @@ from .actors._agent import Agent, chat_messages
 # troupe's defaults (open_runtime), which the bare side copies.
 MAX_BATCH_SIZE = 32
 PREFILL_STEP_SIZE = 128
-PREFILL_BATCH_SIZE = min(8, MAX_BATCH_SIZE)  # as actors/_mlx.py Batch sets it
+PREFILL_BATCH_SIZE = min(8, MAX_BATCH_SIZE)  # as actors/_mlx/_batch.py Batch sets it
 
 USER = "Tell me about your day in the village."
 

@@ -14,11 +14,10 @@ from the end (one row copied, in place), a group joins into the free rows (its r
 copied, not the batch), and the padding all rows come to share is dropped by moving a
 window over the buffer; rows leave the prompt batch as a copy of just those rows, a ragged
 chunk moves only the rows it left short, and a finished row is copied from the first token
-its caller does not hold as blocks. In a crowd-like round (64 agents, ~1,700-token
-contexts, batch 32) the joins went from 9.0 s to 1.0 s and the leaves from 4.4 s to 0.7 s,
-the round from 47-50 s to 38 s; the prompt batch's and finished rows' copies took MLX's
-peak from 2,243 to 2,074-2,111 MB. tests/test_turns.py, tests/test_engine.py and
-tests/test_blocks.py pin that replies stay the same.
+its caller does not hold as blocks. Why: with many agents, those copies made up most of the
+time rows took to join and leave the batch, and raised MLX's peak memory.
+tests/test_turns.py, tests/test_engine.py and tests/test_blocks.py pin that replies stay
+the same.
 
 Importing this module imports mlx-lm (seconds): troupe imports it when it first needs it.
 The mlx-lm private names each class uses are in one block of that class, which names where

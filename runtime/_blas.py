@@ -1,8 +1,8 @@
 """Load an optimized BLAS before MLX, on Linux.
 
-The mlx[cpu] wheel for Linux bundles netlib's reference BLAS (3-6 GFLOP/s on a 1-2K
-matmul); loading OpenBLAS or MKL with RTLD_GLOBAL before the first ``import mlx`` makes MLX
-bind to it instead (90-350 GFLOP/s on the project's machines, see DESIGN.md).
+The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, many times slower than an
+optimized one; loading OpenBLAS or MKL with RTLD_GLOBAL before the first ``import mlx``
+makes MLX bind to it instead (docs/benchmarks.md has the demo with each).
 
 Search order: ``$TROUPE_BLAS`` (a library path, or ``openblas`` / ``mkl`` for one of the two
 searches below), then the system's OpenBLAS, then ``libmkl_rt`` from the ``mkl`` wheel (the

@@ -434,9 +434,10 @@ class Storage(Actor):
             if tail is not None and source.tail is not None and source.tail.file is not None \
                     and stored == chain:
                 try:
+                    serial = self._serial()
                     file = await anyio.to_thread.run_sync(
-                        self.kv.copy, source.tail.file,
-                        tail_file_name(message.new_id, self._serial()))
+                        self.kv.copy, source.tail.file, tail_file_name(message.new_id, serial),
+                        serial)
                 except StoreError as exc:
                     logger.warning("agent %r: its tail was not copied (%s)", message.new_id, exc)
                 else:

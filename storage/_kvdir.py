@@ -238,9 +238,9 @@ class KVDir:
         self.read_into(record, [memoryview(data)])
         return data
 
-    def copy(self, record: KVFile, name: str) -> KVFile:
+    def copy(self, record: KVFile, name: str, serial: int) -> KVFile:
         """A durable copy of a checked file under a new name; StoreError if either fails."""
-        return self.write(name, [memoryview(self.read(record))])
+        return self.write(name, [memoryview(self.read(record))], serial)
 
     def remove(self, name: str) -> None:
         """Delete one of troupe's files; a failure is left to the next opening's collection

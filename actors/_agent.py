@@ -32,10 +32,19 @@ from .._errors import (
 from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
 from .._validate import check_id, check_message
 from ..storage._catalog import AgentRecord
-from ._engine import CutKV, Engine, FinishEvent, PromptEvent, TurnChannel
+from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
 from ._mlx import ModelInfo
 from ._renderer import Renderer
-from ._storage import NO_PREFIX, Checkout, Commit, Install, Prefetch, Prefix, Publish, Storage
+from ._storage import (
+    NO_PREFIX,
+    Checkout,
+    Commit,
+    Install,
+    Prefetch,
+    Prefix,
+    Storage,
+    WritePublished,
+)
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -99,7 +108,6 @@ class AgentActor(Actor):
         self.agent_id = agent_id
         self.state = state
         self._services = services
-        self._finished: FinishEvent | None = None  # how a cancelled turn ended
         self.cached = services.storage.covered(agent_id)
         self.deactivated = False
         """Set when the runtime retired this actor for being idle; handles activate anew."""
@@ -140,7 +148,13 @@ class AgentActor(Actor):
 
     async def prefetch(self) -> None:
         """Ask the storage actor to bring this agent's KV into memory ahead of a turn."""
-        await self._services.storage.send(Prefetch(self.agent_id))
+        storage = self._services.storage
+        storage.prefetch_soon(self.agent_id)
+        try:
+            await storage.send(Prefetch(self.agent_id))
+        except BaseException:
+            storage.prefetch_done(self.agent_id)  # it will not come: nobody may wait for it
+            raise
 
     def _messages(self, extra: Message) -> list[dict[str, str]]:
         return chat_messages(self.state.system, [*self.state.transcript, extra])
@@ -161,9 +175,7 @@ class AgentActor(Actor):
             # Admitted turns are those the engine can take soon: only they pin KV.
             await services.admission.acquire()
             try:
-                # Shielded: the prefix comes back pinned; only this turn's Commit unpins it.
-                with anyio.CancelScope(shield=True):
-                    prefix = await services.storage.call(Checkout(self.agent_id, tuple(prompt)))
+                prefix = await self._checkout(tuple(prompt))
                 if prefix.wait is None:
                     return await self._run(turn, user, prompt, prefix)
             finally:
@@ -172,13 +184,24 @@ class AgentActor(Actor):
             # outside the admission, rather than prefill the same tokens twice.
             await prefix.wait.wait()
 
+    async def _checkout(self, prompt: tuple[int, ...]) -> Prefix:
+        """The prefix this turn starts from, pinned until its Commit: at once when every
+        block the prompt needs is in memory (a hot turn), else the storage asks the catalog
+        first (shielded: what comes back is pinned)."""
+        storage = self._services.storage
+        found = storage.lookup(self.agent_id, prompt)
+        if found is not None:
+            return found
+        with anyio.CancelScope(shield=True):
+            checked = await storage.call(Checkout(self.agent_id, prompt))
+        return checked
+
     async def _run(
         self, turn: Turn, user: Message, prompt: list[int], prefix: Prefix
     ) -> Reply:
         services = self._services
         storage = services.storage
-        finish: FinishEvent | None = None
-        kv_handed_back = False
+        committed = False
         try:
             if prefix.cold is not None:
                 # Part of the prefix is on disk: load it here, overlapping other restores.
@@ -187,10 +210,12 @@ class AgentActor(Actor):
                     prefix = await storage.call(Install(self.agent_id, prefix, loaded))
             seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
             # No await between here and following the channel: we hold it to end the turn.
+            # The KV goes from the storage to the engine and back through the sink.
             channel = services.engine.start_turn(
-                prompt[prefix.tokens :], prompt[: prefix.tokens], prefix.cached,
-                turn.sampling, seed, storage.block_size, services.info.persistable_cache)
-            finish, text = await self._follow(channel, turn.deltas, prefix)
+                prompt[prefix.tokens :], prompt[: prefix.tokens],
+                storage.sink(self.agent_id, prefix), turn.sampling, seed, storage.block_size,
+                services.info.persistable_cache)
+            finish, text = await self._follow(channel, turn.deltas)
             if finish.error is not None:
                 services.counters.turns_failed += 1
                 raise EngineError(f"agent {self.agent_id!r}: the turn failed: {finish.error}") \
@@ -206,22 +231,19 @@ class AgentActor(Actor):
                 cached_tokens=finish.reused,
                 finish_reason="stop" if finish.finish_reason == "stop" else "length",
             )
-            kv_handed_back = True
+            committed = True
             try:
                 await self._commit([user, Message("assistant", reply.text)], turn=True,
-                                   prefix=prefix, kv=finish.kv)
+                                   prefix=prefix)
             except BaseException:
                 services.counters.turns_failed += 1
                 raise
         finally:
-            if not kv_handed_back:
-                # Failed or cancelled: the KV computed so far is still good for its tokens.
-                with anyio.CancelScope(shield=True):
-                    kv = self._finished.kv if self._finished is not None else None
-                    kv = finish.kv if finish is not None else kv
-                    self._finished = None
-                    with contextlib.suppress(TroupeError):
-                        await self._commit([], turn=False, prefix=prefix, kv=kv)
+            if not committed:
+                # Failed or cancelled: the KV computed so far (which the engine handed the
+                # storage) is still good for its tokens, and the prefix must be unpinned.
+                with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
+                    await self._commit([], turn=False, prefix=prefix)
         counters = services.counters
         counters.turns_completed += 1
         counters.tokens_generated += len(reply.tokens)
@@ -233,15 +255,15 @@ class AgentActor(Actor):
         return reply
 
     async def _follow(
-        self, channel: TurnChannel, deltas: MemoryObjectSendStream[str] | None, prefix: Prefix
+        self, channel: TurnChannel, deltas: MemoryObjectSendStream[str] | None
     ) -> tuple[FinishEvent, str]:
-        """Forward the turn's text as it comes, and its prompt's blocks once prefilled; on
-        cancellation take the turn out first."""
+        """Forward the turn's text as it comes, and have the prompt's blocks written once
+        prefilled; on cancellation take the turn out first."""
         pieces: list[str] = []
         try:
             async for event in channel.events:
                 if isinstance(event, PromptEvent):
-                    await self._publish(prefix, event.kv)
+                    await self._write_published()
                     continue
                 pieces.append(event.text)
                 if deltas is not None and event.text:
@@ -251,20 +273,20 @@ class AgentActor(Actor):
         except BaseException:
             with anyio.CancelScope(shield=True):
                 channel.cancel()
-                # A PromptEvent here goes unpublished: the FinishEvent's KV holds its blocks.
-                async for event in channel.events:
-                    if isinstance(event, FinishEvent):
-                        self._finished = event
+                # Until its FinishEvent: by then the engine has handed its KV over.
+                async for _ in channel.events:
+                    pass
                 self._services.counters.turns_cancelled += 1
             raise
         raise EngineError("the engine closed the turn without finishing it")
 
-    async def _publish(self, prefix: Prefix, kv: CutKV) -> None:
-        """Hand the prompt's blocks to the storage now, for the turns waiting for them."""
+    async def _write_published(self) -> None:
+        """The engine handed the prompt's blocks to the storage (waiting turns went on
+        then): have them written while the turn decodes."""
         # Shielded and fire-and-forget: it is queued ahead of this turn's Commit, which
-        # carries the blocks too (so a storage that refuses it loses nothing).
+        # writes whatever it did not (so a storage that refuses it loses nothing).
         with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
-            await self._services.storage.send(Publish(self.agent_id, prefix.computing, kv))
+            await self._services.storage.send(WritePublished(self.agent_id))
 
     @staticmethod
     def _forward(deltas: MemoryObjectSendStream[str], text: str) -> None:
@@ -278,7 +300,6 @@ class AgentActor(Actor):
         *,
         turn: bool,
         prefix: Prefix = NO_PREFIX,
-        kv: CutKV | None = None,
     ) -> None:
         """Persist, then remember: a turn the store refused is not in the transcript.
 
@@ -293,7 +314,6 @@ class AgentActor(Actor):
             messages=[(m.role, m.content) for m in pending],
             turns=turns,
             prefix=prefix,
-            kv=kv,
         )
         # Shielded: memory and store must agree on whether these messages happened.
         with anyio.CancelScope(shield=True):

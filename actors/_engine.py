@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -82,10 +82,11 @@ class CutKV:
 class PromptEvent:
     """A turn's prompt is wholly in the cache: its new full blocks and its partial last
     one, cut then, so that turns waiting for them start now rather than when this one
-    ends."""
+    ends. ``kv`` goes to the turn's ``KVSink``; the turn's channel gets the event
+    without it."""
 
     key: int
-    kv: CutKV
+    kv: CutKV | None
 
 
 @attrs.frozen
@@ -102,6 +103,7 @@ class FinishEvent:
     text: str
     tokens: tuple[int, ...]
     kv: CutKV | None
+    """Goes to the turn's ``KVSink``; the turn's channel gets the event without it."""
     reused: int = 0
     error: BaseException | None = None
 
@@ -202,6 +204,19 @@ class _Stop:
 _Command = _Insert | _Cancel | _Call | _Stop
 
 
+class KVSink(Protocol):
+    """Where a turn's KV comes from and goes to (the storage's): the engine reads the
+    prefix when the turn starts and hands the KV it cuts back on the event loop, before
+    the turn's events reach its channel, so nothing between them carries KV."""
+
+    @property
+    def cached(self) -> CachedPrefix | None: ...
+
+    def published(self, kv: CutKV) -> None: ...
+
+    def finished(self, kv: CutKV | None) -> None: ...
+
+
 @attrs.define(eq=False)
 class TurnChannel:
     """A turn in the engine: its events arrive on ``events``; ``cancel()`` takes it out."""
@@ -262,8 +277,9 @@ class Engine:
         self._model: LoadedModel | None = None
         self._batch: Batch | None = None
         self._keys = itertools.count(1)
-        self._routes: dict[int, MemoryObjectSendStream[Event]] = {}
-        """The channel of each turn in flight, by key: touched only on the event loop."""
+        self._routes: dict[int, tuple[MemoryObjectSendStream[Event], KVSink]] = {}
+        """The channel and KV sink of each turn in flight, by key: touched only on the
+        event loop."""
         self.counters = EngineCounters()
         self.failure: BaseException | None = None
         self._gate = threading.Lock()
@@ -305,18 +321,19 @@ class Engine:
         return result
 
     def start_turn(
-        self, prompt: list[int], history: list[int], prefix: CachedPrefix | None,
+        self, prompt: list[int], history: list[int], sink: KVSink,
         sampling: Sampling, seed: int, block_size: int, cut: bool,
     ) -> TurnChannel:
         """Put a turn in the batch (on the event loop, no await): its events arrive on the
-        channel returned, ending with one FinishEvent. ``prefix`` covers ``history``."""
+        channel returned, ending with one FinishEvent. ``sink.cached`` covers ``history``;
+        the KV the turn cuts goes to ``sink``."""
         key = next(self._keys)
         # Unbounded: a turn's events are bounded by its max_tokens, and the engine must
         # never wait on a slow reader.
         send, receive = anyio.create_memory_object_stream[Event](math.inf)
-        self._routes[key] = send
+        self._routes[key] = (send, sink)
         try:
-            self._put(_Insert(SequenceSpec(key, prompt, history, prefix, sampling, seed,
+            self._put(_Insert(SequenceSpec(key, prompt, history, sink.cached, sampling, seed,
                                            block_size, cut)))
         except BaseException:
             del self._routes[key]  # the engine is gone: nothing will come
@@ -343,11 +360,19 @@ class Engine:
             route = self._routes.get(event.key)
             if route is None:
                 continue
+            channel, sink = route
+            if isinstance(event, PromptEvent):
+                if event.kv is not None:
+                    sink.published(event.kv)
+                event = attrs.evolve(event, kv=None)
+            elif isinstance(event, FinishEvent):
+                sink.finished(event.kv)
+                event = attrs.evolve(event, kv=None)
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                route.send_nowait(event)
+                channel.send_nowait(event)
             if isinstance(event, FinishEvent):
                 del self._routes[event.key]
-                route.close()
+                channel.close()
 
     def _put(self, command: _Command) -> None:
         # Under the gate, so nothing slips into the queue after the thread's final drain.

@@ -216,19 +216,17 @@ class Install(Request[Prefix]):
 
 
 @attrs.frozen
-class Publish(Request[None]):
-    """A turn's prefill ended: take the prompt's new full blocks now (pinned until the
-    turn's Commit, which also carries them), so the turns waiting for them can start."""
+class WritePublished(Request[None]):
+    """Write the blocks a turn's prompt handed over (``TurnSink.published``) while the
+    turn decodes; its Commit records them."""
 
     agent_id: str
-    computing: Claim | None
-    """The turn's claim (``Prefix.computing``): the turns waiting for it go on now."""
-    kv: CutKV
 
 
 @attrs.frozen
 class Commit(Request[int]):
-    """Record a turn: new messages, and the KV it left (``kv`` None: the lease stands).
+    """Record a turn: new messages, and the KV its engine turn left (``TurnSink.finished``;
+    none: the lease stands).
 
     Unpins ``prefix``. Returns how many tokens the agent's lease covers now. The KV is
     taken even when the catalog then refuses the turn (StoreError).
@@ -239,7 +237,27 @@ class Commit(Request[int]):
     messages: list[tuple[str, str]]
     turns: int
     prefix: Prefix
-    kv: CutKV | None
+
+
+@attrs.frozen(eq=False)
+class TurnSink:
+    """A turn's way to the storage for the engine: the KV it starts from, and the KV it
+    cuts, handed over on the event loop as the engine routes the turn's events. The agent
+    holds it without reading it, so KV goes from the storage to the engine and back."""
+
+    agent_id: str
+    prefix: Prefix = attrs.field(repr=False)
+    _storage: Storage = attrs.field(repr=False)
+
+    @property
+    def cached(self) -> CachedPrefix | None:
+        return self.prefix.cached
+
+    def published(self, kv: CutKV) -> None:
+        self._storage.take_published(self.agent_id, self.prefix.computing, kv)
+
+    def finished(self, kv: CutKV | None) -> None:
+        self._storage.take_finished(self.agent_id, kv)
 
 
 def _prepare_store(root: Path) -> StoreLock:
@@ -340,6 +358,14 @@ class Storage(Actor):
         # Block files written at a publish whose catalog rows are still to come: the first
         # commit that names the block records it (a crash leaves orphans, removed at open).
         self._staged: dict[bytes, KVFile] = {}
+        # Published blocks to write, and the KV turns left, by agent, until the turn's
+        # WritePublished and Commit take them (handed over by the engine on the loop).
+        self._unwritten: dict[str, list[tuple[Block, list[memoryview]]]] = {}
+        self._finished: dict[str, CutKV | None] = {}
+        # Ids of the blocks the catalog has files for: a lookup asks the catalog only when
+        # one it needs is among them and not in memory.
+        self._disk_ids: set[bytes] = set()
+        self._prefetching: dict[str, anyio.Event] = {}
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -376,13 +402,16 @@ class Storage(Actor):
                            "transcripts kept", self.root)
         ids = await self._sqlite.run(catalog.agent_ids)
         names = await self._sqlite.run(catalog.file_names)
-        self.blocks_on_disk = sum(1 for name in names if name.endswith(".kvb"))
+        self._disk_ids = await self._sqlite.run(catalog.block_ids)
+        self.blocks_on_disk = len(self._disk_ids)
         await anyio.to_thread.run_sync(_collect, kv, garbage(entries, names, self._generation))
         return ids
 
     async def aclose(self) -> None:
         self.pool.let_go()
         self._lent.clear()
+        self._unwritten.clear()
+        self._finished.clear()
         if self._sqlite is not None:
             if self._catalog is not None:
                 await self._sqlite.run(self._catalog.close)
@@ -401,8 +430,8 @@ class Storage(Actor):
 
     async def _dispatch(self, message: Request[Any]) -> Any:
         handlers: dict[type[Request[Any]], Callable[[Any], Awaitable[Any]]] = {
-            Checkout: self._checkout, Install: self._install, Publish: self._publish,
-            Commit: self._commit,
+            Checkout: self._checkout, Install: self._install,
+            WritePublished: self._write_published, Commit: self._commit,
             AddAgent: self._add, ForkAgent: self._fork, Activate: self._activate,
             Deactivate: self._deactivate, Prefetch: self._prefetch,
         }
@@ -484,7 +513,23 @@ class Storage(Actor):
                                       record.tail.file))
         return record
 
+    def prefetch_soon(self, agent_id: str) -> None:
+        """A Prefetch of ``agent_id`` is on its way: its turns wait for it rather than
+        load the same files themselves."""
+        self._prefetching.setdefault(agent_id, anyio.Event())
+
+    def prefetch_done(self, agent_id: str) -> None:
+        event = self._prefetching.pop(agent_id, None)
+        if event is not None:
+            event.set()
+
     async def _prefetch(self, message: Prefetch) -> None:
+        try:
+            await self._load_ahead(message)
+        finally:
+            self.prefetch_done(message.agent_id)
+
+    async def _load_ahead(self, message: Prefetch) -> None:
         lease = self.pool.leases.get(message.agent_id)
         if lease is None or self._catalog is None or self._layout is None:
             return
@@ -524,20 +569,41 @@ class Storage(Actor):
 
     # -- checkout
 
-    async def _checkout(self, message: Checkout) -> Prefix:
+    def lookup(self, agent_id: str, prompt: tuple[int, ...]) -> Prefix | None:
+        """The checkout of a turn, done at once on the event loop (no message): the prefix
+        pinned, or one to wait for (``Prefix.wait``); None if some block it needs is on disk
+        and only the catalog knows its file (then send ``Checkout``)."""
         if self._layout is None:
             return NO_PREFIX  # a model whose cache troupe cannot cut into blocks
-        pool, size, prompt = self.pool, self.block_size, message.prompt
-        limit = len(prompt) - 1  # at least one token must be new
-        ids = block_ids(self._hash_key, prompt, size, count=limit // size)
-        unknown = [b for b in ids if b not in pool.blocks]
+        if agent_id in self._prefetching:
+            return Prefix(0, None, (), None, wait=self._prefetching[agent_id])
+        ids = self._prompt_ids(prompt)
+        if self._catalog is not None and any(
+                b in self._disk_ids and b not in self.pool.blocks for b in ids):
+            return None
+        return self._pick(agent_id, prompt, ids)
+
+    async def _checkout(self, message: Checkout) -> Prefix:
+        if self._layout is None:
+            return NO_PREFIX
+        ids = self._prompt_ids(message.prompt)
+        unknown = [b for b in ids if b not in self.pool.blocks]
         if unknown and self._catalog is not None:
             # Blocks on disk that no active agent holds (an idle agent's, a closed run's).
             assert self._sqlite is not None
             files = await self._sqlite.run(self._catalog.block_files, unknown)
             for block_id, file in files.items():
-                pool.known(block_id, file)
-        known = pool.available(ids)
+                self.pool.known(block_id, file)
+        return self._pick(message.agent_id, message.prompt, ids)
+
+    def _prompt_ids(self, prompt: tuple[int, ...]) -> list[bytes]:
+        limit = len(prompt) - 1  # at least one token must be new
+        return block_ids(self._hash_key, prompt, self.block_size,
+                         count=limit // self.block_size)
+
+    def _pick(self, agent_id: str, prompt: tuple[int, ...], ids: list[bytes]) -> Prefix:
+        """Pin the longest known run of ``ids`` (no await: one step of the event loop)."""
+        known = self.pool.available(ids)
         if len(known) < len(ids) and ids[len(known)] in self._computing:
             return Prefix(0, None, (), None, wait=self._computing[ids[len(known)]])
         computing: Claim | None = None
@@ -547,7 +613,7 @@ class Storage(Actor):
             for block_id in claimed:
                 self._computing[block_id] = computing.done
         try:
-            return await self._pin_prefix(message, ids, known, computing)
+            return self._pin_prefix(agent_id, prompt, ids, known, computing)
         except BaseException:
             self._computed(computing)  # no turn will follow: nobody must wait for it
             raise
@@ -560,13 +626,13 @@ class Storage(Actor):
                 del self._computing[block_id]
         claim.done.set()
 
-    async def _pin_prefix(
-        self, message: Checkout, ids: list[bytes], known: list[Block],
+    def _pin_prefix(
+        self, agent_id: str, prompt: tuple[int, ...], ids: list[bytes], known: list[Block],
         computing: Claim | None,
     ) -> Prefix:
-        size, prompt = self.block_size, message.prompt
+        size = self.block_size
         limit = len(prompt) - 1
-        lease = self.pool.lease(message.agent_id)
+        lease = self.pool.lease(agent_id)
         tail = lease.tail
         start = len(known) * size
         tail_tokens = 0
@@ -587,7 +653,7 @@ class Storage(Actor):
             block.pins += 1
         if partial is not None:
             partial.pins += 1
-        cold = ColdKV.of(message.agent_id, tuple(ids), tuple(known), partial, tail_tokens)
+        cold = ColdKV.of(agent_id, tuple(ids), tuple(known), partial, tail_tokens)
         if cold.items:
             # Loaded by the turn's own task (load_cold), so that restores of many agents
             # overlap instead of queueing here; handed back with Install.
@@ -670,6 +736,7 @@ class Storage(Actor):
             except StoreError as exc:
                 logger.warning("%s", exc)
             await anyio.to_thread.run_sync(self.kv.remove, name)
+            self._disk_ids.discard(block.block_id)
             self.blocks_on_disk -= 1
         if block.data is not None:
             block.file = None
@@ -691,21 +758,37 @@ class Storage(Actor):
 
     # -- publish and commit
 
-    async def _publish(self, message: Publish) -> None:
-        pool, kv = self.pool, message.kv
+    def sink(self, agent_id: str, prefix: Prefix) -> TurnSink:
+        """Where the engine takes ``prefix`` from and hands the turn's cut KV back."""
+        return TurnSink(agent_id, prefix, self)
+
+    def take_published(self, agent_id: str, computing: Claim | None, kv: CutKV) -> None:
+        """A turn's prefill ended: take the prompt's new full blocks now (pinned until the
+        turn's Commit), so the turns waiting for them start at once. On the event loop, as
+        the engine routes the turn's events: no await."""
+        pool = self.pool
         _, blocks, tail = self._take_cut(kv)
         if tail is not None:
             # The prompt's partial last block, lent (held until the turn's Commit) to the
             # turns that wait for these blocks and whose prompts go on alike.
-            self._lent[message.agent_id] = tail
+            self._lent[agent_id] = tail
         for block in blocks:
             block.pins += 1  # until the turn's Commit puts them in the agent's chain
-        self._published.setdefault(message.agent_id, []).extend(blocks)
+        self._published.setdefault(agent_id, []).extend(blocks)
+        self._unwritten.setdefault(agent_id, []).extend(zip(blocks, kv.views, strict=True))
         pool.touch(blocks, None)
-        self._computed(message.computing)
+        self._computed(computing)
+
+    def take_finished(self, agent_id: str, kv: CutKV | None) -> None:
+        """A turn left the engine: keep the KV it cut for its Commit (on the event loop)."""
+        self._finished[agent_id] = kv
+
+    async def _write_published(self, message: WritePublished) -> None:
+        pool = self.pool
+        unwritten = self._unwritten.pop(message.agent_id, [])
         if self._catalog is not None:
             # Written now, while the turn decodes; recorded by the first commit naming them.
-            for block, view in zip(blocks, kv.views, strict=True):
+            for block, view in unwritten:
                 if block.file is not None or block.block_id in self._staged:
                     continue
                 name = block_file_name(block.block_id, serial := self._serial())
@@ -749,6 +832,7 @@ class Storage(Actor):
         if message.prefix.pinned_tail is not None:
             message.prefix.pinned_tail.pins -= 1
         published = self._published.pop(message.agent_id, [])
+        self._unwritten.pop(message.agent_id, None)
         self._lent.pop(message.agent_id, None)
         for block in published:
             block.pins -= 1
@@ -756,7 +840,7 @@ class Storage(Actor):
         old_tail = lease.tail.file if lease.tail is not None else None
         chain: list[bytes] | None = None
         views: dict[bytes, list[memoryview]] = {}
-        kv = message.kv
+        kv = self._finished.pop(message.agent_id, None)
         if kv is not None:
             chain, added, tail = self._take_cut(kv)
             views = {block.block_id: view
@@ -857,6 +941,7 @@ class Storage(Actor):
                 if tail.data is None:
                     pool.set_tail(lease, None)
         self.blocks_on_disk = 0
+        self._disk_ids.clear()
         if self._catalog is not None and self._sqlite is not None:
             try:
                 await self._sqlite.run(self._catalog.forget_files)
@@ -896,5 +981,6 @@ class Storage(Actor):
     def _record(self, block: Block) -> tuple[bytes, KVFile]:
         """A staged file becomes the block's: the commit under way records its row."""
         file = block.file = self._staged.pop(block.block_id)
+        self._disk_ids.add(block.block_id)
         self.blocks_on_disk += 1
         return block.block_id, file

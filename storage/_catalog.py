@@ -403,6 +403,11 @@ class Catalog:
                 })
         return found
 
+    async def block_ids(self) -> set[bytes]:
+        """The ids of every block the store has a file for."""
+        async with self._transaction("read the catalog") as db:
+            return {bytes(b) for (b,) in await db.execute_fetchall("SELECT id FROM blocks")}
+
     async def file_names(self) -> set[str]:
         """Every file the catalog points at (blocks and tails)."""
         async with self._transaction("read the catalog") as db:

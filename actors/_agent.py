@@ -35,16 +35,7 @@ from ..storage._catalog import AgentRecord
 from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
 from ._mlx import ModelInfo
 from ._renderer import Renderer
-from ._storage import (
-    NO_PREFIX,
-    Checkout,
-    Commit,
-    Install,
-    Prefetch,
-    Prefix,
-    Storage,
-    WritePublished,
-)
+from ._storage import Checkout, Commit, Install, Prefetch, Storage, TurnLease, WritePublished
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -175,17 +166,17 @@ class AgentActor(Actor):
             # Admitted turns are those the engine can take soon: only they pin KV.
             await services.admission.acquire()
             try:
-                prefix = await self._checkout(tuple(prompt))
-                if prefix.wait is None:
-                    return await self._run(turn, user, prompt, prefix)
+                lease = await self._checkout(tuple(prompt))
+                if lease.wait is None:
+                    return await self._run(turn, user, prompt, lease)
             finally:
                 services.admission.release()
             # Another turn is computing the blocks this prompt goes on with: wait for them,
             # outside the admission, rather than prefill the same tokens twice.
-            await prefix.wait.wait()
+            await lease.wait.wait()
 
-    async def _checkout(self, prompt: tuple[int, ...]) -> Prefix:
-        """The prefix this turn starts from, pinned until its Commit: at once when every
+    async def _checkout(self, prompt: tuple[int, ...]) -> TurnLease:
+        """The KV this turn starts from, pinned until its Commit: at once when every
         block the prompt needs is in memory (a hot turn), else the storage asks the catalog
         first (shielded: what comes back is pinned)."""
         storage = self._services.storage
@@ -197,23 +188,23 @@ class AgentActor(Actor):
         return checked
 
     async def _run(
-        self, turn: Turn, user: Message, prompt: list[int], prefix: Prefix
+        self, turn: Turn, user: Message, prompt: list[int], lease: TurnLease
     ) -> Reply:
         services = self._services
         storage = services.storage
         committed = False
         try:
-            if prefix.cold is not None:
+            if lease.cold:
                 # Part of the prefix is on disk: load it here, overlapping other restores.
-                loaded = await storage.load(prefix.cold)
+                await storage.load(self.agent_id)
                 with anyio.CancelScope(shield=True):
-                    prefix = await storage.call(Install(self.agent_id, prefix, loaded))
+                    lease = await storage.call(Install(self.agent_id))
             seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
             # No await between here and following the channel: we hold it to end the turn.
             # The KV goes from the storage to the engine and back through the sink.
             channel = services.engine.start_turn(
-                prompt[prefix.tokens :], prompt[: prefix.tokens],
-                storage.sink(self.agent_id, prefix), turn.sampling, seed, storage.block_size,
+                prompt[lease.tokens :], prompt[: lease.tokens],
+                storage.sink(self.agent_id), turn.sampling, seed, storage.block_size,
                 services.info.persistable_cache)
             finish, text = await self._follow(channel, turn.deltas)
             if finish.error is not None:
@@ -233,8 +224,7 @@ class AgentActor(Actor):
             )
             committed = True
             try:
-                await self._commit([user, Message("assistant", reply.text)], turn=True,
-                                   prefix=prefix)
+                await self._commit([user, Message("assistant", reply.text)], turn=True)
             except BaseException:
                 services.counters.turns_failed += 1
                 raise
@@ -243,7 +233,7 @@ class AgentActor(Actor):
                 # Failed or cancelled: the KV computed so far (which the engine handed the
                 # storage) is still good for its tokens, and the prefix must be unpinned.
                 with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
-                    await self._commit([], turn=False, prefix=prefix)
+                    await self._commit([], turn=False)
         counters = services.counters
         counters.turns_completed += 1
         counters.tokens_generated += len(reply.tokens)
@@ -294,13 +284,7 @@ class AgentActor(Actor):
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             deltas.send_nowait(text)
 
-    async def _commit(
-        self,
-        messages: list[Message],
-        *,
-        turn: bool,
-        prefix: Prefix = NO_PREFIX,
-    ) -> None:
+    async def _commit(self, messages: list[Message], *, turn: bool) -> None:
         """Persist, then remember: a turn the store refused is not in the transcript.
 
         Told messages the store refused before go along with this commit.
@@ -313,7 +297,6 @@ class AgentActor(Actor):
             first_seq=state.saved,
             messages=[(m.role, m.content) for m in pending],
             turns=turns,
-            prefix=prefix,
         )
         # Shielded: memory and store must agree on whether these messages happened.
         with anyio.CancelScope(shield=True):

@@ -194,7 +194,7 @@ NO_PREFIX = Prefix(0, None, (), None)
 
 
 @attrs.frozen
-class Checkout(Request[Prefix]):
+class Checkout(Request["TurnLease"]):
     """Pin the longest run of known blocks (and the agent's tail) that ``prompt`` starts
     with, restoring from disk what left memory; or, if another turn is computing the next
     block, say so (``Prefix.wait``)."""
@@ -204,15 +204,27 @@ class Checkout(Request[Prefix]):
 
 
 @attrs.frozen
-class Install(Request[Prefix]):
-    """Hand the KV a turn loaded (``load_cold``) to the storage; returns the prefix the
-    turn runs with (shorter, if a file failed its check)."""
+class Install(Request["TurnLease"]):
+    """Take the KV the agent's turn loaded (``Storage.load``) into the pool; returns the
+    turn's lease again (covering fewer tokens, if a file failed its check)."""
 
     agent_id: str
-    prefix: Prefix
-    loaded: LoadedKV
-    turn: bool = True
-    """False for a prefetch: no turn follows, and nothing is counted as rebuilt."""
+
+
+@attrs.frozen(eq=False)
+class TurnLease:
+    """What an agent holds for a turn, opaque: how many of the prompt's tokens its KV
+    covers, whether part of it must be loaded first (``cold``), or, instead, the claim of
+    another turn to wait for (``wait``). The storage keeps the turn's blocks until its
+    Commit."""
+
+    tokens: int
+    cold: bool = False
+    wait: anyio.Event | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, prefix: Prefix) -> TurnLease:
+        return cls(prefix.tokens, prefix.cold is not None, prefix.wait)
 
 
 @attrs.frozen
@@ -236,7 +248,6 @@ class Commit(Request[int]):
     first_seq: int
     messages: list[tuple[str, str]]
     turns: int
-    prefix: Prefix
 
 
 @attrs.frozen(eq=False)
@@ -366,6 +377,10 @@ class Storage(Actor):
         # one it needs is among them and not in memory.
         self._disk_ids: set[bytes] = set()
         self._prefetching: dict[str, anyio.Event] = {}
+        # Each running turn's prefix (pinned) and what its task loaded, by agent (one turn
+        # each), from its checkout until its Commit: the agent holds a TurnLease only.
+        self._turns: dict[str, Prefix] = {}
+        self._loaded: dict[str, LoadedKV] = {}
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -412,6 +427,8 @@ class Storage(Actor):
         self._lent.clear()
         self._unwritten.clear()
         self._finished.clear()
+        self._turns.clear()
+        self._loaded.clear()
         if self._sqlite is not None:
             if self._catalog is not None:
                 await self._sqlite.run(self._catalog.close)
@@ -430,7 +447,7 @@ class Storage(Actor):
 
     async def _dispatch(self, message: Request[Any]) -> Any:
         handlers: dict[type[Request[Any]], Callable[[Any], Awaitable[Any]]] = {
-            Checkout: self._checkout, Install: self._install,
+            Checkout: self._checkout, Install: self._install_loaded,
             WritePublished: self._write_published, Commit: self._commit,
             AddAgent: self._add, ForkAgent: self._fork, Activate: self._activate,
             Deactivate: self._deactivate, Prefetch: self._prefetch,
@@ -546,7 +563,7 @@ class Storage(Actor):
         pinned = Prefix(0, None, tuple(blocks), tail, cold=cold)
         loaded = await load_cold(self._engine, self.kv, self._layout, self.block_size,
                                  cold)
-        prefix = await self._install(Install(message.agent_id, pinned, loaded, turn=False))
+        prefix = await self._install(message.agent_id, pinned, loaded, turn=False)
         for block in prefix.pinned:
             block.pins -= 1
         if prefix.pinned_tail is not None:
@@ -554,11 +571,21 @@ class Storage(Actor):
         self.prefetches += 1
         self.pool.evict()
 
-    async def load(self, cold: ColdKV) -> LoadedKV:
-        """``load_cold`` for this store; called from a turn's task (no actor state)."""
+    async def load(self, agent_id: str) -> None:
+        """Load what the agent's turn found only on disk, in the turn's own task (restores
+        of many agents overlap); its ``Install`` takes it into the pool."""
         assert self._layout is not None
-        return await load_cold(self._engine, self.kv, self._layout, self.block_size,
-                               cold)
+        cold = self._turns[agent_id].cold
+        assert cold is not None
+        self._loaded[agent_id] = await load_cold(self._engine, self.kv, self._layout,
+                                                 self.block_size, cold)
+
+    async def _install_loaded(self, message: Install) -> TurnLease:
+        prefix = self._turns[message.agent_id]
+        loaded = self._loaded.pop(message.agent_id, LoadedKV([], [], {}))
+        prefix = self._turns[message.agent_id] = await self._install(
+            message.agent_id, prefix, loaded)
+        return TurnLease.of(prefix)
 
     def covered(self, agent_id: str) -> int:
         lease = self.pool.leases.get(agent_id)
@@ -569,23 +596,28 @@ class Storage(Actor):
 
     # -- checkout
 
-    def lookup(self, agent_id: str, prompt: tuple[int, ...]) -> Prefix | None:
-        """The checkout of a turn, done at once on the event loop (no message): the prefix
-        pinned, or one to wait for (``Prefix.wait``); None if some block it needs is on disk
+    def lookup(self, agent_id: str, prompt: tuple[int, ...]) -> TurnLease | None:
+        """The checkout of a turn, done at once on the event loop (no message): its lease
+        (the prefix pinned), or a claim to wait for; None if some block it needs is on disk
         and only the catalog knows its file (then send ``Checkout``)."""
-        if self._layout is None:
-            return NO_PREFIX  # a model whose cache troupe cannot cut into blocks
         if agent_id in self._prefetching:
-            return Prefix(0, None, (), None, wait=self._prefetching[agent_id])
+            return TurnLease(0, wait=self._prefetching[agent_id])
+        if self._layout is None:
+            return self._lease(agent_id, NO_PREFIX)  # a cache troupe cannot cut into blocks
         ids = self._prompt_ids(prompt)
         if self._catalog is not None and any(
                 b in self._disk_ids and b not in self.pool.blocks for b in ids):
             return None
-        return self._pick(agent_id, prompt, ids)
+        return self._lease(agent_id, self._pick(agent_id, prompt, ids))
 
-    async def _checkout(self, message: Checkout) -> Prefix:
+    def _lease(self, agent_id: str, prefix: Prefix) -> TurnLease:
+        if prefix.wait is None:
+            self._turns[agent_id] = prefix  # until the turn's Commit
+        return TurnLease.of(prefix)
+
+    async def _checkout(self, message: Checkout) -> TurnLease:
         if self._layout is None:
-            return NO_PREFIX
+            return self._lease(message.agent_id, NO_PREFIX)
         ids = self._prompt_ids(message.prompt)
         unknown = [b for b in ids if b not in self.pool.blocks]
         if unknown and self._catalog is not None:
@@ -594,7 +626,7 @@ class Storage(Actor):
             files = await self._sqlite.run(self._catalog.block_files, unknown)
             for block_id, file in files.items():
                 self.pool.known(block_id, file)
-        return self._pick(message.agent_id, message.prompt, ids)
+        return self._lease(message.agent_id, self._pick(message.agent_id, message.prompt, ids))
 
     def _prompt_ids(self, prompt: tuple[int, ...]) -> list[bytes]:
         limit = len(prompt) - 1  # at least one token must be new
@@ -679,10 +711,12 @@ class Storage(Actor):
         return Prefix(len(matched) * size + tail_tokens, cached, tuple(matched), tail,
                       computing)
 
-    async def _install(self, message: Install) -> Prefix:
-        """Take the KV a turn loaded for its checkout; a file that failed its check ends
-        the prefix there (the turn prefills the rest) and is dropped from the store."""
-        prefix, loaded = message.prefix, message.loaded
+    async def _install(
+        self, agent_id: str, prefix: Prefix, loaded: LoadedKV, *, turn: bool = True
+    ) -> Prefix:
+        """Take the KV a turn (or a prefetch: ``turn`` False) loaded for its checkout; a
+        file that failed its check ends the prefix there (the turn prefills the rest) and
+        is dropped from the store."""
         cold = prefix.cold
         assert cold is not None
         items = cold.items
@@ -724,7 +758,7 @@ class Storage(Actor):
                     await self._forget_block(item)
                 else:
                     await self._forget_tail(cold.agent_id)
-        return self._finish(cold, matched, tail, prefix.computing, turn=message.turn)
+        return self._finish(cold, matched, tail, prefix.computing, turn=turn)
 
     async def _forget_block(self, block: Block) -> None:
         """A block's file is bad: its row and file go; its KV, if some turn loaded it
@@ -758,9 +792,10 @@ class Storage(Actor):
 
     # -- publish and commit
 
-    def sink(self, agent_id: str, prefix: Prefix) -> TurnSink:
-        """Where the engine takes ``prefix`` from and hands the turn's cut KV back."""
-        return TurnSink(agent_id, prefix, self)
+    def sink(self, agent_id: str) -> TurnSink:
+        """Where the engine takes the agent's turn's prefix from and hands its cut KV
+        back."""
+        return TurnSink(agent_id, self._turns.get(agent_id, NO_PREFIX), self)
 
     def take_published(self, agent_id: str, computing: Claim | None, kv: CutKV) -> None:
         """A turn's prefill ended: take the prompt's new full blocks now (pinned until the
@@ -826,11 +861,13 @@ class Storage(Actor):
 
     async def _commit(self, message: Commit) -> int:
         pool = self.pool
-        self._computed(message.prefix.computing)  # committed below, or not at all
-        for block in message.prefix.pinned:
+        prefix = self._turns.pop(message.agent_id, NO_PREFIX)
+        self._loaded.pop(message.agent_id, None)
+        self._computed(prefix.computing)  # committed below, or not at all
+        for block in prefix.pinned:
             block.pins -= 1
-        if message.prefix.pinned_tail is not None:
-            message.prefix.pinned_tail.pins -= 1
+        if prefix.pinned_tail is not None:
+            prefix.pinned_tail.pins -= 1
         published = self._published.pop(message.agent_id, [])
         self._unwritten.pop(message.agent_id, None)
         self._lent.pop(message.agent_id, None)

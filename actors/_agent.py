@@ -2,9 +2,10 @@
 
 An agent owns its transcript; its KV lives in blocks the storage actor owns, on a lease. A
 turn renders the chat template, checks out the longest prefix of the prompt that known
-blocks cover (its own, or any agent's), starts only the rest in the engine, publishes the
-prompt's new blocks once prefilled (for turns waiting on them), and commits the blocks the
-turn completed. One agent's turns run one at a time, in the order they came.
+blocks cover (its own, or any agent's), starts only the rest in the engine (which takes
+the prefix from the storage and hands the blocks it cuts back to it), and commits. The
+agent holds an opaque ``TurnLease`` and never a KV array. One agent's turns run one at a
+time, in the order they came.
 """
 
 from __future__ import annotations

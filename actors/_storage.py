@@ -1,9 +1,12 @@
 """The storage actor: owns every KV block, in memory and on disk, and the catalog.
 
 Agents hold leases (a chain of block ids and a tail of their own); a turn checks out the
-blocks that match its prompt (pinned, restored from disk if they left memory, shared with
-any agent whose prompt starts the same), publishes its prompt's new blocks when its prefill
-ends (turns waiting for them start then), and commits the rest. With a store directory each
+blocks that match its prompt (``lookup``, at once on the event loop when they are in
+memory; pinned, restored from disk if they left memory, shared with any agent whose prompt
+starts the same) and holds only an opaque ``TurnLease``: the storage keeps the turn's KV,
+and the engine reads it and hands back what it cuts through the turn's ``TurnSink`` (the
+prompt's new blocks when its prefill ends, so turns waiting for them start then; the rest
+when it finishes), which its Commit records. With a store directory each
 new block is written once (fsynced, checksummed) before the catalog transaction that first
 names it, so a crash never leaves a row pointing at a partial file. The hot bytes are kept
 under the budget by evicting unpinned KV, least recently used first: with a store it is on

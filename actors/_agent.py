@@ -36,7 +36,7 @@ from ..storage._catalog import AgentRecord
 from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
 from ._mlx import ModelInfo
 from ._renderer import Renderer
-from ._storage import Checkout, Commit, Install, Prefetch, Storage, TurnLease, WritePublished
+from ._storage import Checkout, Commit, Install, Storage, TurnLease, WritePublished
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -137,16 +137,6 @@ class AgentActor(Actor):
                                "commit: %s", self.agent_id, exc)
             return None
         raise TypeError(f"an agent cannot handle {message!r}")
-
-    async def prefetch(self) -> None:
-        """Ask the storage actor to bring this agent's KV into memory ahead of a turn."""
-        storage = self._services.storage
-        storage.prefetch_soon(self.agent_id)
-        try:
-            await storage.send(Prefetch(self.agent_id))
-        except BaseException:
-            storage.prefetch_done(self.agent_id)  # it will not come: nobody may wait for it
-            raise
 
     def _messages(self, extra: Message) -> list[dict[str, str]]:
         return chat_messages(self.state.system, [*self.state.transcript, extra])

@@ -27,7 +27,7 @@ import anyio.to_thread
 import attrs
 
 from .._actor import Actor, Request
-from .._errors import StoreError
+from .._errors import StoreError, TroupeError
 from ..storage._asyncio_thread import AsyncioThread
 from ..storage._blocks import DEFAULT_BLOCK_SIZE, ROOT, KVFile, block_ids
 from ..storage._catalog import AgentRecord, Catalog, TailRecord
@@ -82,9 +82,8 @@ class Deactivate(Request[None]):
 
 
 @attrs.frozen
-class Prefetch(Request[None]):
-    """An agent's turn is coming: load its blocks and tail that left memory, so the
-    restore overlaps whatever runs before the turn (fire-and-forget)."""
+class InstallAhead(Request[None]):
+    """Take the KV ``Storage.prefetch`` loaded ahead of an agent's turns into the pool."""
 
     agent_id: str
 
@@ -384,6 +383,9 @@ class Storage(Actor):
         # each), from its checkout until its Commit: the agent holds a TurnLease only.
         self._turns: dict[str, Prefix] = {}
         self._loaded: dict[str, LoadedKV] = {}
+        # The pinned KV a prefetch loads ahead of an agent's turns, and what it loaded.
+        self._ahead: dict[str, Prefix] = {}
+        self._loaded_ahead: dict[str, LoadedKV] = {}
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -432,6 +434,8 @@ class Storage(Actor):
         self._finished.clear()
         self._turns.clear()
         self._loaded.clear()
+        self._ahead.clear()
+        self._loaded_ahead.clear()
         if self._sqlite is not None:
             if self._catalog is not None:
                 await self._sqlite.run(self._catalog.close)
@@ -453,7 +457,7 @@ class Storage(Actor):
             Checkout: self._checkout, Install: self._install_loaded,
             WritePublished: self._write_published, Commit: self._commit,
             AddAgent: self._add, ForkAgent: self._fork, Activate: self._activate,
-            Deactivate: self._deactivate, Prefetch: self._prefetch,
+            Deactivate: self._deactivate, InstallAhead: self._install_ahead,
         }
         handler = handlers.get(type(message))
         if handler is not None:
@@ -533,44 +537,60 @@ class Storage(Actor):
                                       record.tail.file))
         return record
 
-    def prefetch_soon(self, agent_id: str) -> None:
-        """A Prefetch of ``agent_id`` is on its way: its turns wait for it rather than
-        load the same files themselves."""
-        self._prefetching.setdefault(agent_id, anyio.Event())
-
-    def prefetch_done(self, agent_id: str) -> None:
-        event = self._prefetching.pop(agent_id, None)
-        if event is not None:
-            event.set()
-
-    async def _prefetch(self, message: Prefetch) -> None:
-        try:
-            await self._load_ahead(message)
-        finally:
-            self.prefetch_done(message.agent_id)
-
-    async def _load_ahead(self, message: Prefetch) -> None:
-        lease = self.pool.leases.get(message.agent_id)
+    def prefetch_soon(self, agent_id: str) -> bool:
+        """Plan loading what of ``agent_id``'s KV is only on disk, ahead of its turns
+        (pinned meanwhile): True if there is some, and then ``prefetch`` must run; the
+        agent's turns wait for it rather than load the same files themselves."""
+        lease = self.pool.leases.get(agent_id)
         if lease is None or self._catalog is None or self._layout is None:
-            return
+            return False
+        if agent_id in self._ahead:
+            return False  # one is under way still (the agent was retired and came back)
         blocks = self.pool.available(lease.chain)
         tail = lease.tail if len(blocks) == len(lease.chain) else None
-        cold = ColdKV.of(message.agent_id, tuple(lease.chain), tuple(blocks), tail,
+        cold = ColdKV.of(agent_id, tuple(lease.chain), tuple(blocks), tail,
                          len(tail.tokens) if tail else 0)
         if not cold.items:
-            return
+            return False
         for block in blocks:
             block.pins += 1
         if tail is not None:
             tail.pins += 1
-        pinned = Prefix(0, None, tuple(blocks), tail, cold=cold)
-        loaded = await load_cold(self._engine, self.kv, self._layout, self.block_size,
-                                 cold)
-        prefix = await self._install(message.agent_id, pinned, loaded, turn=False)
-        for block in prefix.pinned:
-            block.pins -= 1
-        if prefix.pinned_tail is not None:
-            prefix.pinned_tail.pins -= 1
+        self._ahead[agent_id] = Prefix(0, None, tuple(blocks), tail, cold=cold)
+        self._prefetching[agent_id] = anyio.Event()
+        return True
+
+    async def prefetch(self, agent_id: str) -> None:
+        """Load what ``prefetch_soon`` planned, in a task of its own (so the storage actor
+        goes on serving meanwhile), and hand it over with ``InstallAhead``."""
+        try:
+            cold = self._ahead[agent_id].cold
+            assert cold is not None
+            assert self._layout is not None
+            self._loaded_ahead[agent_id] = await load_cold(
+                self._engine, self.kv, self._layout, self.block_size, cold)
+            with anyio.CancelScope(shield=True):
+                await self.call(InstallAhead(agent_id))
+        except TroupeError as exc:  # the runtime is closing, or the engine failed
+            logger.info("agent %r: its KV was not loaded ahead: %s", agent_id, exc)
+        finally:
+            self._loaded_ahead.pop(agent_id, None)
+            self._unpin(self._ahead.pop(agent_id, None))
+            event = self._prefetching.pop(agent_id, None)
+            if event is not None:
+                event.set()
+
+    def _unpin(self, prefix: Prefix | None) -> None:
+        if prefix is not None:
+            for block in prefix.pinned:
+                block.pins -= 1
+            if prefix.pinned_tail is not None:
+                prefix.pinned_tail.pins -= 1
+
+    async def _install_ahead(self, message: InstallAhead) -> None:
+        planned = self._ahead.pop(message.agent_id)
+        loaded = self._loaded_ahead.pop(message.agent_id)
+        self._unpin(await self._install(message.agent_id, planned, loaded, turn=False))
         self.prefetches += 1
         self.pool.evict()
 
@@ -699,10 +719,13 @@ class Storage(Actor):
         self, cold: ColdKV, matched: list[Block], tail: Tail | Block | None,
         computing: Claim | None, *, turn: bool = True,
     ) -> Prefix:
-        size, lease = self.block_size, self.pool.lease(cold.agent_id)
+        size = self.block_size
+        # A prefetch's agent may have been retired meanwhile: no lease is made for it.
+        lease = self.pool.leases.get(cold.agent_id)
+        chain = lease.chain if lease is not None else []
         tail_tokens = cold.tail_tokens if tail is not None else 0
         held = 0
-        while held < min(len(lease.chain), len(cold.ids)) and lease.chain[held] == cold.ids[held]:
+        while held < min(len(chain), len(cold.ids)) and chain[held] == cold.ids[held]:
             held += 1
         if turn and held > len(matched):
             self.rebuilds += 1  # the agent's own blocks were lost: prefilled again
@@ -760,7 +783,7 @@ class Storage(Actor):
                 if isinstance(item, Block):
                     await self._forget_block(item)
                 else:
-                    await self._forget_tail(cold.agent_id)
+                    await self._forget_tail(cold.agent_id, item)
         return self._finish(cold, matched, tail, prefix.computing, turn=turn)
 
     async def _forget_block(self, block: Block) -> None:
@@ -780,15 +803,16 @@ class Storage(Actor):
         else:
             self.pool.drop(block)
 
-    async def _forget_tail(self, agent_id: str) -> None:
-        lease = self.pool.lease(agent_id)
-        if lease.tail is None:
-            return
-        file = lease.tail.file
-        self.pool.set_tail(lease, None)
+    async def _forget_tail(self, agent_id: str, tail: Tail) -> None:
+        """An agent's tail file is bad: it goes from the lease (if the agent still holds
+        it), the catalog and the disk."""
+        lease = self.pool.leases.get(agent_id)
+        if lease is not None and lease.tail is tail:
+            self.pool.set_tail(lease, None)
+        file = tail.file
         if self._catalog is not None and self._sqlite is not None and file is not None:
             try:
-                await self._sqlite.run(self._catalog.forget_tail, agent_id)
+                await self._sqlite.run(self._catalog.forget_tail, agent_id, file.name)
             except StoreError as exc:
                 logger.warning("%s", exc)
             await anyio.to_thread.run_sync(self.kv.remove, file.name)

@@ -501,11 +501,13 @@ class Catalog:
             await db.execute("UPDATE agents SET tail = x'', tail_file = NULL "
                              "WHERE tail_file IS NOT NULL")
 
-    async def forget_tail(self, agent_id: str) -> None:
-        """Drop an agent's damaged tail from the record."""
+    async def forget_tail(self, agent_id: str, name: str) -> None:
+        """Drop an agent's damaged tail, the file ``name``, from the record (unless the
+        agent has another tail by now)."""
         async with self._transaction("drop a damaged tail from") as db:
             await db.execute(
-                "UPDATE agents SET tail = x'', tail_file = NULL WHERE id = ?", (agent_id,)
+                "UPDATE agents SET tail = x'', tail_file = NULL WHERE id = ? AND tail_file = ?",
+                (agent_id, name),
             )
 
     async def close(self) -> None:

@@ -181,7 +181,7 @@ async def test_a_write_the_file_system_may_not_have_kept_stops_the_catalog(
         await sqlite.run(catalog.add_agent, "alice", SYSTEM)
         ext4.fail()
         with pytest.raises(troupe.StoreError, match="may not be on disk") as refused:
-            await sqlite.run(catalog.forget_tail, "nobody")
+            await sqlite.run(catalog.forget_tail, "nobody", "none.kvt")
         assert READ_ONLY in str(refused.value)
         with pytest.raises(troupe.StoreError, match="stopped until it is reopened"):
             await sqlite.run(catalog.agent_ids)

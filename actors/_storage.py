@@ -81,11 +81,23 @@ class Deactivate(Request[None]):
     agent_id: str
 
 
+@attrs.define(eq=False)
+class Ahead:
+    """A prefetch: the KV it loads ahead of an agent's turns (pinned until installed) and,
+    once loaded, the arrays; ``done`` is set when it is over, installed or not."""
+
+    prefix: Prefix = attrs.field(repr=False)
+    loaded: LoadedKV | None = attrs.field(default=None, repr=False)
+    done: anyio.Event = attrs.field(factory=anyio.Event, repr=False)
+
+
 @attrs.frozen
 class InstallAhead(Request[None]):
-    """Take the KV ``Storage.prefetch`` loaded ahead of an agent's turns into the pool."""
+    """Take the KV ``Storage.prefetch`` loaded ahead of an agent's turns into the pool
+    (sent by the storage's own prefetch task)."""
 
     agent_id: str
+    plan: Ahead = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -378,14 +390,12 @@ class Storage(Actor):
         # Ids of the blocks the catalog has files for: a lookup asks the catalog only when
         # one it needs is among them and not in memory.
         self._disk_ids: set[bytes] = set()
-        self._prefetching: dict[str, anyio.Event] = {}
         # Each running turn's prefix (pinned) and what its task loaded, by agent (one turn
         # each), from its checkout until its Commit: the agent holds a TurnLease only.
         self._turns: dict[str, Prefix] = {}
         self._loaded: dict[str, LoadedKV] = {}
-        # The pinned KV a prefetch loads ahead of an agent's turns, and what it loaded.
-        self._ahead: dict[str, Prefix] = {}
-        self._loaded_ahead: dict[str, LoadedKV] = {}
+        # The prefetch under way for an agent, if any (its turns wait for it).
+        self._ahead: dict[str, Ahead] = {}
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -435,7 +445,6 @@ class Storage(Actor):
         self._turns.clear()
         self._loaded.clear()
         self._ahead.clear()
-        self._loaded_ahead.clear()
         if self._sqlite is not None:
             if self._catalog is not None:
                 await self._sqlite.run(self._catalog.close)
@@ -537,60 +546,60 @@ class Storage(Actor):
                                       record.tail.file))
         return record
 
-    def prefetch_soon(self, agent_id: str) -> bool:
+    def prefetch_soon(self, agent_id: str) -> Ahead | None:
         """Plan loading what of ``agent_id``'s KV is only on disk, ahead of its turns
-        (pinned meanwhile): True if there is some, and then ``prefetch`` must run; the
-        agent's turns wait for it rather than load the same files themselves."""
+        (pinned meanwhile): the plan, for ``prefetch`` to run, or None if there is nothing
+        to load. The agent's turns wait for it rather than load the same files."""
         lease = self.pool.leases.get(agent_id)
         if lease is None or self._catalog is None or self._layout is None:
-            return False
+            return None
         if agent_id in self._ahead:
-            return False  # one is under way still (the agent was retired and came back)
+            return None  # one is under way still (the agent was retired and came back)
         blocks = self.pool.available(lease.chain)
         tail = lease.tail if len(blocks) == len(lease.chain) else None
         cold = ColdKV.of(agent_id, tuple(lease.chain), tuple(blocks), tail,
                          len(tail.tokens) if tail else 0)
         if not cold.items:
-            return False
+            return None
         for block in blocks:
             block.pins += 1
         if tail is not None:
             tail.pins += 1
-        self._ahead[agent_id] = Prefix(0, None, tuple(blocks), tail, cold=cold)
-        self._prefetching[agent_id] = anyio.Event()
-        return True
+        plan = self._ahead[agent_id] = Ahead(Prefix(0, None, tuple(blocks), tail, cold=cold))
+        return plan
 
-    async def prefetch(self, agent_id: str) -> None:
+    async def prefetch(self, agent_id: str, plan: Ahead) -> None:
         """Load what ``prefetch_soon`` planned, in a task of its own (so the storage actor
         goes on serving meanwhile), and hand it over with ``InstallAhead``."""
         try:
-            cold = self._ahead[agent_id].cold
+            cold = plan.prefix.cold
             assert cold is not None
             assert self._layout is not None
-            self._loaded_ahead[agent_id] = await load_cold(
-                self._engine, self.kv, self._layout, self.block_size, cold)
+            plan.loaded = await load_cold(self._engine, self.kv, self._layout,
+                                          self.block_size, cold)
             with anyio.CancelScope(shield=True):
-                await self.call(InstallAhead(agent_id))
+                await self.call(InstallAhead(agent_id, plan))
         except TroupeError as exc:  # the runtime is closing, or the engine failed
             logger.info("agent %r: its KV was not loaded ahead: %s", agent_id, exc)
         finally:
-            self._loaded_ahead.pop(agent_id, None)
-            self._unpin(self._ahead.pop(agent_id, None))
-            event = self._prefetching.pop(agent_id, None)
-            if event is not None:
-                event.set()
+            if self._ahead.get(agent_id) is plan:  # not installed: let its blocks go
+                del self._ahead[agent_id]
+                self._unpin(plan.prefix)
+            plan.done.set()
 
-    def _unpin(self, prefix: Prefix | None) -> None:
-        if prefix is not None:
-            for block in prefix.pinned:
-                block.pins -= 1
-            if prefix.pinned_tail is not None:
-                prefix.pinned_tail.pins -= 1
+    def _unpin(self, prefix: Prefix) -> None:
+        for block in prefix.pinned:
+            block.pins -= 1
+        if prefix.pinned_tail is not None:
+            prefix.pinned_tail.pins -= 1
 
     async def _install_ahead(self, message: InstallAhead) -> None:
-        planned = self._ahead.pop(message.agent_id)
-        loaded = self._loaded_ahead.pop(message.agent_id)
-        self._unpin(await self._install(message.agent_id, planned, loaded, turn=False))
+        plan = message.plan
+        if self._ahead.get(message.agent_id) is not plan or plan.loaded is None:
+            return
+        del self._ahead[message.agent_id]
+        self._unpin(await self._install(message.agent_id, plan.prefix, plan.loaded,
+                                        turn=False))
         self.prefetches += 1
         self.pool.evict()
 
@@ -623,8 +632,9 @@ class Storage(Actor):
         """The checkout of a turn, done at once on the event loop (no message): its lease
         (the prefix pinned), or a claim to wait for; None if some block it needs is on disk
         and only the catalog knows its file (then send ``Checkout``)."""
-        if agent_id in self._prefetching:
-            return TurnLease(0, wait=self._prefetching[agent_id])
+        ahead = self._ahead.get(agent_id)
+        if ahead is not None:
+            return TurnLease(0, wait=ahead.done)
         if self._layout is None:
             return self._lease(agent_id, NO_PREFIX)  # a cache troupe cannot cut into blocks
         ids = self._prompt_ids(prompt)

@@ -206,10 +206,11 @@ class Runtime:
             if retired is not None:
                 retired.successor = actor
             self._launch(actor)
-            if not self._closed and self._storage.prefetch_soon(agent_id):
+            plan = None if self._closed else self._storage.prefetch_soon(agent_id)
+            if plan is not None:
                 # Addressed now, likely to speak soon: its KV starts coming back from disk,
                 # in a task of its own; its turns wait for it.
-                self._task_group.start_soon(self._storage.prefetch, agent_id,
+                self._task_group.start_soon(self._storage.prefetch, agent_id, plan,
                                             name=f"troupe prefetch {agent_id!r}")
             # Idle from now on, not from before the store was asked for it.
             actor.last_active = anyio.current_time()

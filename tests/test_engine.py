@@ -54,7 +54,7 @@ def _settled(rt: troupe.Runtime) -> None:
     # No turn's prefix, loaded KV, published blocks or finished KV is left behind.
     assert (storage._turns, storage._loaded, storage._unwritten, storage._finished) == (
         {}, {}, {}, {})
-    assert (storage._prefetching, storage._ahead, storage._loaded_ahead) == ({}, {}, {})
+    assert storage._ahead == {}
     assert pool.hot_bytes <= pool.budget
     assert pool.hot_bytes == sum(b.nbytes for b in pool.blocks.values() if b.data is not None) \
         + sum(lease.tail.nbytes for lease in pool.leases.values()

@@ -295,19 +295,18 @@ def _prepare_store(root: Path) -> StoreLock:
     except OSError as exc:
         raise store_error(root, "make the store at", exc) from exc
     try:
-        KVDir(root / "kv").entries()  # kv/ a link out of the store, or unreadable: refused
-        (root / "kv").mkdir(exist_ok=True)
+        KVDir(root / "kv").make()  # kv/ a link out of the store: refused
     except BaseException:
         lock.release()
         raise
     return lock
 
 
-def _collect(kv: KVDir, entries: list[Entry]) -> None:
+def _collect(kv: KVDir, entries: list[Entry], names: set[str], generation: int) -> None:
     """Delete what the catalog names as garbage; a failure only costs disk space."""
-    for entry in entries:
+    for entry in garbage(entries, names, generation):
         kv.remove(entry.name)
-    strangers = [e.name for e in kv.entries() if e.parsed is None]
+    strangers = [e.name for e in entries if e.parsed is None]
     if strangers:
         logger.warning("%s holds %d entries troupe did not write (left alone): %s", kv.path,
                        len(strangers), ", ".join(sorted(strangers)[:5]))
@@ -434,7 +433,7 @@ class Storage(Actor):
         names = await self._sqlite.run(catalog.file_names)
         self._disk_ids = await self._sqlite.run(catalog.block_ids)
         self.blocks_on_disk = len(self._disk_ids)
-        await anyio.to_thread.run_sync(_collect, kv, garbage(entries, names, self._generation))
+        await anyio.to_thread.run_sync(_collect, kv, entries, names, self._generation)
         return ids
 
     async def aclose(self) -> None:

@@ -172,18 +172,6 @@ class RuntimeStatistics:
     store_bytes_read: int
 
 
-@attrs.frozen
-class TurnStatistics:
-    """The agents' turns, all together: the part of RuntimeStatistics the turns own."""
-
-    turns_completed: int
-    turns_failed: int
-    turns_cancelled: int
-    tokens_generated: int
-    tokens_prefilled: int
-    tokens_reused: int
-
-
 @attrs.define
 class TurnCounters:
     """The runtime's running totals (mutable; ``statistics()`` snapshots them)."""
@@ -194,6 +182,3 @@ class TurnCounters:
     tokens_generated: int = 0
     tokens_prefilled: int = 0
     tokens_reused: int = 0
-
-    def statistics(self) -> TurnStatistics:
-        return TurnStatistics(**attrs.asdict(self))

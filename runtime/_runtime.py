@@ -332,7 +332,8 @@ class Runtime:
     def statistics(self) -> RuntimeStatistics:
         """An immutable snapshot of the runtime's counters."""
         # Each owner snapshots its own part; the runtime adds its agents'.
-        parts = (self._services.counters.statistics(), self._engine.statistics(),
+        # The turn counters are the agents' running totals, copied here as they stand.
+        parts = (self._services.counters, self._engine.statistics(),
                  self._storage.pool.statistics(), self._storage.statistics())
         return RuntimeStatistics(
             agents=len(self._ids),

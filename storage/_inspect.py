@@ -14,7 +14,7 @@ from pathlib import Path
 import attrs
 
 from .._errors import StoreError
-from ._blocks import KVFile
+from ._blocks import DEFAULT_BLOCK_SIZE, KVFile
 from ._catalog import (
     SCHEMA_VERSION,
     agent_checksum,
@@ -95,10 +95,7 @@ def _check(root: Path) -> list[Finding]:
     entries = kv.entries()
     ours = [e for e in entries if e.parsed is not None and not e.parsed.partial]
     if not (root / "catalog.sqlite").exists() or (root / "catalog.sqlite").stat().st_size == 0:
-        if ours:
-            return [Finding(f"the catalog is empty or missing, but kv/ holds {len(ours)} KV "
-                            "files: put the store's catalog.sqlite back (with its -wal file)")]
-        return [Finding("the store is empty", problem=False)]
+        return _without_catalog(len(ours))
     findings: list[Finding] = []
     with _catalog(root, write=False) as db:
         integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
@@ -106,11 +103,7 @@ def _check(root: Path) -> list[Finding]:
             return [Finding(f"the catalog is damaged: {line}") for line in integrity]
         meta = _meta(db)
         if not meta:
-            if ours:
-                return [Finding(f"the catalog is empty or missing, but kv/ holds {len(ours)} "
-                                "KV files: put the store's catalog.sqlite back (with its -wal "
-                                "file)")]
-            return [Finding("the store is empty", problem=False)]
+            return _without_catalog(len(ours))
         if int(meta.get("schema", 0)) != SCHEMA_VERSION:
             findings.append(Finding(
                 f"the catalog has schema {meta.get('schema')}; the next opening upgrades it "
@@ -159,6 +152,13 @@ def _check(root: Path) -> list[Finding]:
     return findings
 
 
+def _without_catalog(files: int) -> list[Finding]:
+    if files:
+        return [Finding(f"the catalog is empty or missing, but kv/ holds {files} KV files: "
+                        "put the store's catalog.sqlite back (with its -wal file)")]
+    return [Finding("the store is empty", problem=False)]
+
+
 def _file_findings(kv: KVDir, record: KVFile, what: str) -> list[Finding]:
     try:
         kv.read(record)
@@ -172,9 +172,10 @@ def list_agents(root: Path) -> list[AgentSummary]:
     """Every agent with its turns, messages, and the KV the store holds for it."""
     _is_store(root)
     with _catalog(root, write=False) as db:
-        if not _meta(db):
+        meta = _meta(db)
+        if not meta:
             return []
-        block_size = int(_meta(db).get("block_size", 128))
+        block_size = int(meta.get("block_size", DEFAULT_BLOCK_SIZE))
         sizes = {bytes(b): n for b, n in db.execute("SELECT id, nbytes FROM blocks")}
         found = []
         for agent_id, turns, count, chain, tail, tail_nbytes in db.execute(

@@ -171,6 +171,11 @@ class KVDir:
         finally:
             os.close(fd)
 
+    def make(self) -> None:
+        """Make kv/ if it is missing; StoreError if it is a link out of the store."""
+        with self._opened(create=True):
+            pass
+
     def write(self, name: str, parts: Sequence[memoryview | bytes], serial: int = 0) -> KVFile:
         """Write KV bytes durably under ``name``: to a temporary name, fsynced, renamed, the
         folder fsynced, so a reader sees a whole file or none. StoreError if the disk

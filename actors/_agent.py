@@ -34,9 +34,10 @@ from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCoun
 from .._validate import check_id, check_message
 from ..storage._catalog import AgentRecord
 from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
+from ._kv import TurnLease
 from ._mlx import ModelInfo
 from ._renderer import Renderer
-from ._storage import Checkout, Commit, Install, Storage, TurnLease, WritePublished
+from ._storage import Checkout, Commit, Install, Storage, WritePublished
 
 logger = logging.getLogger("troupe")
 R = TypeVar("R")
@@ -100,7 +101,7 @@ class AgentActor(Actor):
         self.agent_id = agent_id
         self.state = state
         self._services = services
-        self.cached = services.storage.covered(agent_id)
+        self.cached = services.storage.kv.covered(agent_id)
         self.deactivated = False
         """Set when the runtime retired this actor for being idle; handles activate anew."""
         self.successor: AgentActor | None = None
@@ -168,10 +169,10 @@ class AgentActor(Actor):
 
     async def _checkout(self, prompt: tuple[int, ...]) -> TurnLease:
         """The KV this turn starts from, pinned until its Commit: at once when every
-        block the prompt needs is in memory (a hot turn), else the storage asks the catalog
-        first (shielded: what comes back is pinned)."""
+        block the prompt needs is in memory (a hot turn: a call to the KV manager), else the
+        storage asks the catalog first (shielded: what comes back is pinned)."""
         storage = self._services.storage
-        found = storage.lookup(self.agent_id, prompt)
+        found = storage.kv.lookup(self.agent_id, prompt)
         if found is not None:
             return found
         with anyio.CancelScope(shield=True):
@@ -192,10 +193,10 @@ class AgentActor(Actor):
                     lease = await storage.call(Install(self.agent_id))
             seed = turn.sampling.seed if turn.sampling.seed is not None else secrets.randbits(63)
             # No await between here and following the channel: we hold it to end the turn.
-            # The KV goes from the storage to the engine and back through the sink.
+            # The KV goes from its manager to the engine and back through the sink.
             channel = services.engine.start_turn(
                 prompt[lease.tokens :], prompt[: lease.tokens],
-                storage.sink(self.agent_id), turn.sampling, seed, storage.block_size,
+                storage.kv.sink(self.agent_id), turn.sampling, seed, storage.block_size,
                 services.info.persistable_cache)
             finish, text = await self._follow(channel, turn.deltas)
             if finish.error is not None:

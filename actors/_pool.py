@@ -1,20 +1,21 @@
 """The block pool: every KV block and tail in memory, their leases, pins and the budget.
 
-Owned by the storage actor and touched only from its task. Blocks are immutable and
-shared: an agent's lease is a chain of block ids plus a partial tail of its own, and a
-block or tail also lends the KV of its first tokens to prompts that go on alike. Turns pin
-the blocks they run with; when the hot bytes pass the budget, unpinned KV is evicted
-(never that of an agent with a turn queued), least recently used first and, within one
-agent's chain, from its end backwards (a chain's later blocks are useless without its
-earlier ones).
+Owned by the KV manager (actors/_kv.py) and touched only on the event loop. Blocks are
+immutable and shared: an agent's lease is a chain of block ids plus a partial tail of its
+own, and a block or tail also lends the KV of its first tokens to prompts that go on
+alike. Turns pin the blocks they run with (``pin``/``unpin``, the only places pin counts
+change); when the hot bytes pass the budget, unpinned KV is evicted (never that of an
+agent with a turn queued) from the front of a queue kept in order of use: least recently
+used first and, within one agent's chain, from its end backwards (a chain's later blocks
+are useless without its earlier ones).
 """
 
 from __future__ import annotations
 
 import array
 import functools
-import itertools
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -47,7 +48,6 @@ class Block:
     file: KVFile | None = None
     refs: int = 0
     pins: int = 0
-    used: int = 0
 
 
 @attrs.define(eq=False)
@@ -58,7 +58,6 @@ class Tail:
     data: KVBlock | None
     nbytes: int
     file: KVFile | None = None
-    used: int = 0
     pins: int = 0
 
 
@@ -86,16 +85,16 @@ class BlockPool:
         self.leases: dict[str, Lease] = {}
         self.hot_bytes = 0
         self.evictions = 0
-        self._clock = itertools.count(1)
+        # The KV in memory in order of use, least recent first: each block, and each
+        # lease's tail with its agent's id. Entries that left memory are skipped (and
+        # dropped) by ``evict``; pinned and busy ones are skipped and kept.
+        self._by_use: OrderedDict[Block | Tail, str | None] = OrderedDict()
         self._donors: dict[bytes, list[tuple[weakref.ref[Any], array.array[int]]]] = {}
         """Per parent block id, blocks and tails that follow it, with their tokens."""
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(self.budget, self.hot_bytes, self.in_memory(), self.shared(),
                               self.evictions)
-
-    def tick(self) -> int:
-        return next(self._clock)
 
     def lease(self, agent_id: str) -> Lease:
         return self.leases.setdefault(agent_id, Lease())
@@ -140,6 +139,7 @@ class BlockPool:
             block = Block(block_id, position, data, block_nbytes(data))
             self.blocks[block_id] = block
             self.hot_bytes += block.nbytes
+            self._queue(block, None)
         else:
             self.load(block, data)
         return block
@@ -148,29 +148,42 @@ class BlockPool:
         if block.data is None:
             block.data, block.nbytes = data, block_nbytes(data)
             self.hot_bytes += block.nbytes
+            self._queue(block, None)
 
-    def set_tail(self, lease: Lease, tail: Tail | None) -> None:
-        if lease.tail is not None and lease.tail.data is not None:
-            self.hot_bytes -= lease.tail.nbytes
+    def _queue(self, kv: Block | Tail, agent_id: str | None) -> None:
+        # KV that enters memory joins the queue unused (first to go) until it is touched.
+        self._by_use[kv] = agent_id
+        self._by_use.move_to_end(kv, last=False)
+
+    def set_tail(self, agent_id: str, lease: Lease, tail: Tail | None) -> None:
+        if lease.tail is not None:
+            self._by_use.pop(lease.tail, None)
+            if lease.tail.data is not None:
+                self.hot_bytes -= lease.tail.nbytes
         lease.tail = tail
         if tail is not None and tail.data is not None:
             self.hot_bytes += tail.nbytes
+            self._queue(tail, agent_id)
 
-    def load_tail(self, tail: Tail, data: KVBlock) -> None:
+    def load_tail(self, agent_id: str, tail: Tail, data: KVBlock) -> None:
         if tail.data is None:
             tail.data, tail.nbytes = data, block_nbytes(data)
             self.hot_bytes += tail.nbytes
+            lease = self.leases.get(agent_id)
+            if lease is not None and lease.tail is tail:
+                self._queue(tail, agent_id)
 
-    def drop_tail(self, lease: Lease) -> None:
+    def drop_tail(self, agent_id: str, lease: Lease) -> None:
         """The tail leaves memory: it stays on disk if it is there, else it is gone."""
         tail = lease.tail
         if tail is None:
             return
         if tail.file is None:
-            self.set_tail(lease, None)
+            self.set_tail(agent_id, lease, None)
         elif tail.data is not None:
             self.hot_bytes -= tail.nbytes
             tail.data = None
+            self._by_use.pop(tail, None)
 
     def set_chain(self, lease: Lease, chain: list[bytes]) -> list[Block]:
         """Point the lease at ``chain``; returns blocks no lease refers to any more."""
@@ -198,7 +211,7 @@ class BlockPool:
         lease = self.leases.pop(agent_id, None)
         if lease is not None:
             self.set_chain(lease, [])
-            self.set_tail(lease, None)
+            self.set_tail(agent_id, lease, None)
 
     def drop(self, block: Block) -> None:
         """Drop a block from every tier (damaged, or evicted with no copy on disk).
@@ -209,6 +222,7 @@ class BlockPool:
         if block.data is not None:
             self.hot_bytes -= block.nbytes
             block.data = None
+            self._by_use.pop(block, None)
         block.file = None
         if block.refs == 0 and self.blocks.get(block.block_id) is block:
             del self.blocks[block.block_id]
@@ -260,16 +274,34 @@ class BlockPool:
             if lease.tail is not None:
                 lease.tail.data = None
         self.hot_bytes = 0
+        self._by_use.clear()
 
-    def touch(self, blocks: Iterable[Block], tail: Tail | Block | None) -> None:
-        now = self.tick()
+    def touch(self, blocks: Sequence[Block], tail: Tail | Block | None) -> None:
+        """``blocks`` (a chain's run, in order) and ``tail`` were just used: they go to
+        the back of the queue, the chain's first block last (its end goes first)."""
+        by_use = self._by_use
+        if tail is not None and tail in by_use:
+            by_use.move_to_end(tail)
+        for block in reversed(blocks):
+            if block in by_use:
+                by_use.move_to_end(block)
+
+    def pin(self, blocks: Iterable[Block], tail: Tail | Block | None) -> None:
+        """A turn runs with this KV: it is not evicted until ``unpin``."""
         for block in blocks:
-            block.used = now
+            block.pins += 1
         if tail is not None:
-            tail.used = now
+            tail.pins += 1
+
+    def unpin(self, blocks: Iterable[Block], tail: Tail | Block | None) -> None:
+        for block in blocks:
+            block.pins -= 1
+        if tail is not None:
+            tail.pins -= 1
 
     def evict(self) -> None:
-        """Drop unpinned KV from memory until the hot bytes fit the budget.
+        """Drop unpinned KV from memory until the hot bytes fit the budget, from the
+        front of the queue (least recently used first).
 
         A block on disk just leaves memory; one that is not is gone, and the agents
         whose chains held it prefill those tokens again on their next turn.
@@ -278,31 +310,35 @@ class BlockPool:
             return
         busy = {agent_id for agent_id in self.leases if self.busy(agent_id)}
         kept = {b for agent_id in busy for b in self.leases[agent_id].chain}
-        candidates: list[tuple[int, int, Block | Tail, Lease | None]] = [
-            (b.used, -b.position, b, None)
-            for b in self.blocks.values()
-            if b.data is not None and b.pins == 0 and b.block_id not in kept
-        ]
-        candidates += [
-            (lease.tail.used, -(1 << 30), lease.tail, lease)
-            for agent_id, lease in self.leases.items()
-            if lease.tail is not None and lease.tail.data is not None and lease.tail.pins == 0
-            and agent_id not in busy
-        ]
-        candidates.sort(key=lambda c: (c[0], c[1]))
-        for _, _, item, lease in candidates:
-            if self.hot_bytes <= self.budget:
+        victims: list[tuple[Block | Tail, str | None]] = []
+        gone: list[Block | Tail] = []
+        excess = self.hot_bytes - self.budget
+        for kv, agent_id in self._by_use.items():
+            if excess <= 0:
                 break
+            if kv.data is None:
+                gone.append(kv)
+                continue
+            if kv.pins or (agent_id in busy if agent_id is not None
+                           else isinstance(kv, Block) and kv.block_id in kept):
+                continue
+            victims.append((kv, agent_id))
+            excess -= kv.nbytes
+        for kv in gone:
+            del self._by_use[kv]
+        for kv, agent_id in victims:
             self.evictions += 1
-            if isinstance(item, Tail):
-                assert lease is not None
-                self.drop_tail(lease)
-            elif item.file is not None:
-                item.data = None
-                self.hot_bytes -= item.nbytes
-                self._forget_if_cold(item)
+            if agent_id is not None:
+                self.drop_tail(agent_id, self.leases[agent_id])
             else:
-                self.drop(item)
+                assert isinstance(kv, Block)
+                if kv.file is not None:
+                    kv.data = None
+                    self.hot_bytes -= kv.nbytes
+                    del self._by_use[kv]
+                    self._forget_if_cold(kv)
+                else:
+                    self.drop(kv)
 
 
 def _let_go(index: dict[bytes, list[tuple[weakref.ref[Any], array.array[int]]]], parent: bytes,

@@ -111,7 +111,7 @@ class Runtime:
         )
         self._reaper = anyio.CancelScope()
         self._closed = False
-        storage.pool.busy = self._busy
+        storage.kv.set_busy(self._busy)
 
     def _busy(self, agent_id: str) -> bool:
         # Turns queued keep their agent's KV in memory (the storage's eviction policy).
@@ -206,7 +206,7 @@ class Runtime:
             if retired is not None:
                 retired.successor = actor
             self._launch(actor)
-            plan = None if self._closed else self._storage.prefetch_soon(agent_id)
+            plan = None if self._closed else self._storage.kv.plan_prefetch(agent_id)
             if plan is not None:
                 # Addressed now, likely to speak soon: its KV starts coming back from disk,
                 # in a task of its own; its turns wait for it.
@@ -334,7 +334,7 @@ class Runtime:
         # Each owner snapshots its own part; the runtime adds its agents'.
         # The turn counters are the agents' running totals, copied here as they stand.
         parts = (self._services.counters, self._engine.statistics(),
-                 self._storage.pool.statistics(), self._storage.statistics())
+                 self._storage.kv.statistics(), self._storage.statistics())
         return RuntimeStatistics(
             agents=len(self._ids),
             agents_active=len(self._agents),

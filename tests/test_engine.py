@@ -42,23 +42,21 @@ def _block_files(store: Path) -> list[KVFile]:
 
 def _settled(rt: troupe.Runtime) -> None:
     """Nothing in flight: no block pinned or claimed, no publish left, the budget kept."""
-    storage = rt._storage  # the invariants live there
-    pool = storage.pool
+    kv = rt._storage.kv  # the KV manager: the invariants live there
+    pool = kv.pool
     assert rt.statistics().turns_in_flight == 0
-    assert all(b.pins == 0 for b in pool.blocks.values())
-    assert all(lease.tail is None or lease.tail.pins == 0 for lease in pool.leases.values())
-    assert storage._computing == {}
-    assert storage._published == {}
-    assert storage._lent == {}
-    assert storage._staged == {}
-    # No turn's prefix, loaded KV, published blocks or finished KV is left behind.
-    assert (storage._turns, storage._loaded, storage._unwritten, storage._finished) == (
-        {}, {}, {}, {})
-    assert storage._ahead == {}
+    # No turn's prefix, claim, pin, loaded KV, published block or finished KV is left.
+    assert kv.settled()
+    assert rt._storage._staged == {}  # every staged file was recorded by a commit
     assert pool.hot_bytes <= pool.budget
     assert pool.hot_bytes == sum(b.nbytes for b in pool.blocks.values() if b.data is not None) \
         + sum(lease.tail.nbytes for lease in pool.leases.values()
               if lease.tail is not None and lease.tail.data is not None)
+    # The queue of use holds exactly the KV in memory that eviction may take.
+    queued = set(pool._by_use)
+    assert queued == {b for b in pool.blocks.values() if b.data is not None} | {
+        lease.tail for lease in pool.leases.values()
+        if lease.tail is not None and lease.tail.data is not None}
 
 
 async def test_a_long_prompt_joining_does_not_stall_the_streams_in_flight() -> None:

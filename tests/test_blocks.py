@@ -369,3 +369,31 @@ async def test_agents_starting_at_once_prefill_a_shared_prompt_once() -> None:
     assert sorted(r.cached_tokens for r in replies)[0] == 0
     assert sum(1 for r in replies if r.cached_tokens >= alone.prompt_tokens - 16) == 19
     assert stats.tokens_prefilled < alone.prompt_tokens + 20 * 16
+
+
+async def test_the_least_recently_used_agent_is_evicted_first() -> None:
+    """Past the budget, the KV of the agent idle longest goes first: the agent that just
+    spoke keeps all of its KV (its next turn reuses every token), the other loses some."""
+    # Same-length, distinct prompts: no block is shared between the three agents.
+    systems = {name: f"You are {name}, and {name} alone. {WORLD}" for name in ("ann", "bob", "cyd")}
+    order = ["ann", "bob", "ann", "cyd"]
+
+    async def run(budget: int | None) -> tuple[dict[str, list[troupe.Reply]], list[int]]:
+        options = {} if budget is None else {"kv_budget": budget}
+        replies: dict[str, list[troupe.Reply]] = {name: [] for name in systems}
+        hot = []
+        async with troupe.open_runtime(model=TINY, block_size=16, **options) as rt:  # type: ignore[arg-type]
+            agents = {name: await rt.spawn(name, system=s) for name, s in systems.items()}
+            for name in [*order, "ann", "bob"]:
+                replies[name].append(await agents[name].say("Go on.", max_tokens=8))
+                hot.append(rt.statistics().kv_hot_bytes)
+        return replies, hot
+
+    unlimited, hot = await run(None)
+    # Room for everything after the fourth turn but part of bob's KV: bob was idle longest.
+    bob = hot[1] - hot[0]
+    budget = hot[3] - bob // 2
+    limited, _ = await run(budget)
+    assert limited["ann"][2].cached_tokens == unlimited["ann"][2].cached_tokens > 0
+    assert limited["bob"][1].cached_tokens < unlimited["bob"][1].cached_tokens
+    assert [r.tokens for r in limited["bob"]] == [r.tokens for r in unlimited["bob"]]

@@ -30,9 +30,10 @@ def test_public_names_are_pinned() -> None:
     assert sorted(troupe.__all__) == sorted([
         "BLAS", "Agent", "AgentDamagedError", "AgentExistsError", "AgentFailedError",
         "AgentNotFoundError", "AgentStatistics", "BlasStatus", "BlasWarning",
-        "ContextLengthError", "EngineError",
+        "ContextLengthError", "EngineError", "IncompleteReplyError",
         "Message", "ModelInfo", "ModelLoadError", "Reply", "ReplyStream", "Runtime",
-        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "TroupeError",
+        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "Tool", "ToolCall",
+        "TroupeError",
         "__version__", "make_model", "open_runtime",
     ])
     for name in troupe.__all__:

@@ -42,6 +42,7 @@ class Grammars:
         self._tokenizer: Any = None
         self._kept: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._compiling = threading.Lock()
         self.counters = GrammarCounters()
 
     @property
@@ -60,24 +61,35 @@ class Grammars:
         """
         import llguidance
 
-        with self._lock:
+        copied = self._copy(constraint.key)
+        if copied is not None:
+            return copied
+        # One compile at a time: turns that start together with one new schema wait for
+        # its first compile and copy it, rather than compile it each.
+        with self._compiling:
+            copied = self._copy(constraint.key)
+            if copied is not None:
+                return copied
             if self._tokenizer is None:
                 # Once per runtime (about a second for a large vocabulary).
                 self._tokenizer = self._source.grammar_tokenizer(self._vocab_size, self._eos)
-            template = self._kept.get(constraint.key)
-            if template is not None:
-                self._kept.move_to_end(constraint.key)
-                self.counters.reused += 1
-                return template.deep_copy()
-            tokenizer = self._tokenizer
-        start = time.perf_counter()
-        template = llguidance.LLMatcher(tokenizer, constraint.grammar, log_level=0)
-        if template.is_error():
-            raise ValueError(f"the grammar cannot be compiled: {template.get_error()}")
+            start = time.perf_counter()
+            template = llguidance.LLMatcher(self._tokenizer, constraint.grammar, log_level=0)
+            if template.is_error():
+                raise ValueError(f"the grammar cannot be compiled: {template.get_error()}")
+            with self._lock:
+                self.counters.compiled += 1
+                self.counters.compile_seconds += time.perf_counter() - start
+                self._kept[constraint.key] = template
+                while len(self._kept) > KEPT:
+                    self._kept.popitem(last=False)
+            return template.deep_copy()
+
+    def _copy(self, key: str) -> Any:
         with self._lock:
-            self.counters.compiled += 1
-            self.counters.compile_seconds += time.perf_counter() - start
-            self._kept[constraint.key] = template
-            while len(self._kept) > KEPT:
-                self._kept.popitem(last=False)
+            template = self._kept.get(key)
+            if template is None:
+                return None
+            self._kept.move_to_end(key)
+            self.counters.reused += 1
         return template.deep_copy()

@@ -374,3 +374,48 @@ async def test_a_tool_loop_runs_to_its_end_and_survives_a_reopen_and_a_fork(
         # included (the same tools: they are part of the prompt).
         assert reply.cached_tokens > 100
         assert reply.prompt_tokens < 20
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "pipelined"])
+def test_masks_follow_each_rows_tokens_in_eager_and_pipelined_steps(
+    tiny_model: Path, eager: bool,
+) -> None:
+    # Straight on the adapter, on this thread: mlx-lm's pipelined steps (the GPU's
+    # default) report each token a step late, and the mask still follows its own row.
+    from troupe._records import Sampling
+    from troupe._schema import make_constraint
+    from troupe.actors._constraint import Grammars
+    from troupe.actors._mlx import Batch, GrammarMask, LoadedModel, make_sampler
+
+    model = LoadedModel(tiny_model)
+    info = model.info
+    grammars = Grammars(model.tokenizer, info.vocab_size, info.eos_token_ids)
+    batch = Batch(model, max_batch_size=4, prefill_step_size=8, eager=eager)
+    patterns = [r"[0-9]{4}-[a-z]{3}", r"(north|south) by [a-z]{2}"]
+    masks = {}
+    tokens: dict[int, list[int]] = {}
+    for i, pattern in enumerate(patterns):
+        constraint = make_constraint(regex=pattern)
+        assert constraint is not None
+        mask = GrammarMask(grammars.matcher(constraint), info.vocab_size,
+                           min(info.eos_token_ids))
+        uid = batch.insert(list(range(40, 50 + 7 * i)), [], None,
+                           make_sampler(Sampling(), 0), 30, mask)
+        masks[uid], tokens[uid] = (pattern, mask), []
+    free = batch.insert(list(range(60, 70)), [], None, make_sampler(Sampling(), 0), 30)
+    tokens[free] = []
+    finished: set[int] = set()
+    try:
+        while len(finished) < len(tokens):
+            _, outputs = batch.step()
+            for out in outputs:
+                tokens[out.uid].append(out.token)
+                if out.finish_reason is not None:
+                    finished.add(out.uid)
+    finally:
+        batch.close()
+    for uid, (pattern, mask) in masks.items():
+        generated = tokens[uid]
+        assert generated[-1] in info.eos_token_ids  # the grammar ended the row
+        assert mask.complete(generated)
+        assert re.fullmatch(pattern, model.tokenizer.decode(generated[:-1]))

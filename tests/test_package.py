@@ -282,6 +282,12 @@ async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
         [PYTHON, str(ROOT / "examples" / "quickstart.py"), "embedded:tiny"], troupe_env))
     assert quick.returncode == 0, quick.stderr
     assert "alice has 4 messages" in quick.stdout
+    typed = await trio.to_thread.run_sync(lambda: _run(
+        [PYTHON, str(ROOT / "examples" / "structured.py"), "embedded:tiny"], troupe_env))
+    assert typed.returncode == 0, typed.stderr
+    assert "scout: " in typed.stdout
+    assert "->  Move(" in typed.stdout
+    assert "helper made 1 tool call(s)" in typed.stdout
     app = [PYTHON, str(ROOT / "examples" / "asyncio_app.py"), "embedded:tiny",
            str(tmp_path / "store")]
     first = await trio.to_thread.run_sync(lambda: _run(app, troupe_env))

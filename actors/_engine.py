@@ -666,6 +666,9 @@ class Engine:
         assert self._model is not None
         assert self._batch is not None
         sequence.generated.append(output.token)
+        if sequence.mask is not None and output.finish_reason is None:
+            # Here, between steps, rather than read back from the batch at the next one.
+            sequence.mask.catch_up(sequence.generated)
         if output.token not in self._model.info.eos_token_ids:
             sequence.held += sequence.text.add(output.token)
         if output.finish_reason is not None:

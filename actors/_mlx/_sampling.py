@@ -45,9 +45,11 @@ class GrammarMask:
     allows next, on that row only (mlx-lm calls it with the row's own slice).
 
     mlx-lm calls it once per step with the tokens the row has (the last one is the token
-    this step feeds): from the second call on, that token is the one sampled last step, so
-    the matcher consumes it before computing the next mask. The same holds for eager and
-    pipelined steps. Engine thread only.
+    this step feeds): from the second call on, that token is the one sampled last step,
+    which the matcher must consume before computing the next mask. With eager steps the
+    engine has handed it over already (``catch_up``: no array is read here); with
+    pipelined ones (a step reports the token it feeds) it is read from the row's tokens.
+    Engine thread only.
     """
 
     def __init__(self, matcher: Any, vocab_size: int, eos: int) -> None:
@@ -63,7 +65,7 @@ class GrammarMask:
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
         start = time.perf_counter()
-        if self._calls:
+        if self.consumed < self._calls:
             self.matcher.consume_token(int(context[-1].tolist()))  # type: ignore[arg-type]
             self.consumed += 1
         self._calls += 1
@@ -82,11 +84,19 @@ class GrammarMask:
         self.seconds += time.perf_counter() - start
         return masked
 
+    def catch_up(self, generated: Sequence[int]) -> None:
+        """Consume the turn's tokens the matcher has not seen yet (``generated``: all of
+        them so far), so the next call reads none back from the batch."""
+        if self.consumed < len(generated):
+            start = time.perf_counter()
+            for token in generated[self.consumed :]:
+                self.matcher.consume_token(token)
+            self.consumed = len(generated)
+            self.seconds += time.perf_counter() - start
+
     def complete(self, generated: Sequence[int]) -> bool:
         """Whether ``generated`` (all the turn's tokens) is a whole value of the grammar:
         the tokens the matcher has not consumed yet are consumed now."""
-        for token in generated[self.consumed :]:
-            self.matcher.consume_token(token)
-        self.consumed = len(generated)
+        self.catch_up(generated)
         return not self.matcher.is_error() and bool(
             self.matcher.is_accepting() or self.matcher.is_stopped())

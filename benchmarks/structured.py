@@ -1,9 +1,10 @@
 """``troupe bench structured``: constrained decoding inside the batch, as ratios in one run.
 
 decode    16 agents in one batch, half with a JSON schema of 10 fields and half free,
-          against the same 16 all free (the same agents, prompts and greedy tokens):
-          per-agent decode tokens/s of the free half and of the constrained half, each
-          over the all-free batch's; rounds alternate (A B A B).
+          against the same 16 all free (the same prompts; the first half's free turns
+          stop at the lengths of its constrained replies, so both batches step the same
+          rows the same number of steps): per-agent decode tokens/s of the free half and
+          of the constrained half, each over the all-free batch's; rounds alternate.
 compile   a schema new to the runtime (compiled against the tokenizer) against the same
           schema again (copied from troupe's cache), timed as a one-token turn each.
 sim       agents that each round pick one of 5 actions with ``choices=`` and then say a
@@ -51,7 +52,7 @@ def ten_fields(tag: str = "") -> dict[str, Any]:
             "additionalProperties": False}
 
 
-async def _round(rt: Runtime, tag: str, n: int, tokens: int, constrained: int,
+async def _round(rt: Runtime, tag: str, n: int, tokens: list[int], constrained: int,
                  ) -> tuple[dict[int, float], dict[int, int], float]:
     agents = [await rt.spawn(f"{tag}-{i}", system=SYSTEM) for i in range(n)]
     ended: dict[int, float] = {}
@@ -60,7 +61,7 @@ async def _round(rt: Runtime, tag: str, n: int, tokens: int, constrained: int,
 
     async def one(i: int) -> None:
         schema = ten_fields() if i < constrained else None
-        reply = await agents[i].say(f"Report {i}.", schema=schema, max_tokens=tokens)
+        reply = await agents[i].say(f"Report {i}.", schema=schema, max_tokens=tokens[i])
         ended[i], made[i] = time.perf_counter() - start, len(reply.tokens)
 
     async with trio.open_nursery() as nursery:
@@ -78,8 +79,12 @@ def _rate(ended: dict[int, float], made: dict[int, int], group: range) -> float:
 async def bench_decode(rt: Runtime, sizes: Sizes) -> dict[str, float]:
     n, half = sizes.decode_agents, sizes.decode_agents // 2
     free_half, constrained_half = range(half, n), range(half)
-    tokens = sizes.decode_tokens  # room for the whole value, in any tokenizer
-    await _round(rt, "warm", n, tokens, half)  # compile, kernels, prompt blocks
+    # (The first half: constrained in the mixed round, free in the all-free one.)
+    # The warm-up (compile, kernels, prompt blocks) also says how long each constrained
+    # reply is (greedy: the same each round); the all-free round's first half stops there,
+    # so both rounds step the same rows for the same number of steps.
+    _, lengths, _ = await _round(rt, "warm", n, [sizes.decode_tokens] * n, half)
+    tokens = [lengths[i] if i < half else sizes.decode_tokens for i in range(n)]
     mixed_free: list[float] = []
     mixed_con: list[float] = []
     all_free_f: list[float] = []

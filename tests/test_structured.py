@@ -419,3 +419,54 @@ def test_masks_follow_each_rows_tokens_in_eager_and_pipelined_steps(
         assert generated[-1] in info.eos_token_ids  # the grammar ended the row
         assert mask.complete(generated)
         assert re.fullmatch(pattern, model.tokenizer.decode(generated[:-1]))
+
+
+def test_troupe_tool_call_grammars_for_models_without_a_parser(tiny_model: Path) -> None:
+    # The embedded template has mlx-lm's JSON parser, so "auto" runs free there; a model
+    # without one gets text-or-calls in troupe's format. Checked on the grammar itself.
+    from troupe._tools import as_tools, tool_constraint
+    from troupe.actors._constraint import Grammars
+    from troupe.actors._mlx import LoadedModel
+
+    model = LoadedModel(tiny_model)
+    grammars = Grammars(model.tokenizer, model.info.vocab_size, model.info.eos_token_ids)
+    tools = as_tools(TOOLS)
+    auto = tool_constraint(tools, "auto", native=False)
+    none = tool_constraint(tools, "none", native=True)
+    required = tool_constraint(tools, "required", native=True)
+    assert tool_constraint(tools, "auto", native=True) is None
+    assert auto is not None
+    assert none is not None
+    assert required is not None
+
+    def accepts(constraint: Any, text: str) -> bool:
+        matcher = grammars.matcher(constraint)
+        tokens = grammars._tokenizer.tokenize_str(text)
+        return bool(matcher.consume_tokens(tokens) and matcher.is_accepting())
+
+    call = '<tool_call>\n{"name":"lamp","arguments":{"on":true}}\n</tool_call>'
+    two = call + '\n<tool_call>\n{"name":"weather","arguments":{"city":"rome"}}\n</tool_call>'
+    assert accepts(auto, "Just text.")
+    assert accepts(auto, call)
+    assert accepts(auto, two)
+    assert not accepts(auto, "Text, then <tool_call>")
+    assert not accepts(auto, call.replace("lamp", "oven"))
+    assert accepts(none, "Just text.")
+    assert not accepts(none, call)
+    assert accepts(required, call)
+    assert not accepts(required, "Just text.")
+    assert not accepts(required, "\n".join([call] * 4))  # at most one call per tool
+
+
+async def test_run_checks_its_arguments_at_the_door() -> None:
+    async with troupe.open_runtime(model=TINY) as rt:
+        agent = await rt.spawn("a")
+        record = troupe.Tool("lookup", "Look up.", {"type": "object", "properties": {}})
+        with pytest.raises(ValueError, match="no function"):
+            await agent.run("Go.", tools=[record])
+        with pytest.raises(ValueError, match="max_steps"):
+            await agent.run("Go.", tools=TOOLS, max_steps=0)
+        with pytest.raises(ValueError, match="tool_choice"):
+            await agent.run("Go.", tools=TOOLS, tool_choice="oven")
+        assert agent.transcript() == ()
+        assert rt.statistics().engine_steps == 0

@@ -92,4 +92,5 @@ class Grammars:
                 return None
             self._kept.move_to_end(key)
             self.counters.reused += 1
-        return template.deep_copy()
+            # Under the lock: worker threads copy the same template.
+            return template.deep_copy()

@@ -155,7 +155,10 @@ def parse_tool_calls(
     parse, start, end = native if native is not None else (None, TOOL_CALL_START, TOOL_CALL_END)
     known = {t.name for t in tools}
     calls: list[ToolCall] = []
-    for body in re.findall(re.escape(start) + r"(.*?)" + re.escape(end), text, re.DOTALL):
+    # A format with no end marker (Mistral's) runs to the next start or the reply's end.
+    bodies = (re.findall(re.escape(start) + r"(.*?)" + re.escape(end), text, re.DOTALL)
+              if end else text.split(start)[1:])
+    for body in bodies:
         try:
             found = parse(body, [t.describe() for t in tools]) if parse else json.loads(body)
         except Exception:

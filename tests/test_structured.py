@@ -470,3 +470,24 @@ async def test_run_checks_its_arguments_at_the_door() -> None:
             await agent.run("Go.", tools=TOOLS, tool_choice="oven")
         assert agent.transcript() == ()
         assert rt.statistics().engine_steps == 0
+
+
+def test_tool_calls_are_parsed_with_the_models_parser_or_troupes() -> None:
+    from troupe._tools import as_tools, parse_tool_calls
+
+    tools = as_tools(TOOLS)
+    text = ('Let me see. <tool_call>\n{"name": "weather", "arguments": {"city": "rome"}}\n'
+            '</tool_call> and <tool_call>{"name": "oven", "arguments": {}}</tool_call>'
+            '<tool_call>{broken</tool_call><tool_call>{"name": "lamp", "arguments": '
+            '"{\\"on\\": true}"}</tool_call>')
+    calls = parse_tool_calls(text, tools, None)
+    assert [(c.name, c.arguments) for c in calls] == [("weather", {"city": "rome"}),
+                                                      ("lamp", {"on": True})]
+
+    def mistral(body: str, described: Any) -> Any:  # mlx-lm's parsers take (text, tools)
+        assert [d["function"]["name"] for d in described] == ["lamp", "weather", "broken"]
+        return json.loads(body)
+
+    text = '[TOOL_CALLS][{"name": "lamp", "arguments": {"on": false}}]'
+    calls = parse_tool_calls(text, tools, (mistral, "[TOOL_CALLS]", ""))
+    assert [(c.name, c.arguments) for c in calls] == [("lamp", {"on": False})]

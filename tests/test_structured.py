@@ -491,3 +491,38 @@ def test_tool_calls_are_parsed_with_the_models_parser_or_troupes() -> None:
     text = '[TOOL_CALLS][{"name": "lamp", "arguments": {"on": false}}]'
     calls = parse_tool_calls(text, tools, (mistral, "[TOOL_CALLS]", ""))
     assert [(c.name, c.arguments) for c in calls] == [("lamp", {"on": False})]
+
+
+async def test_async_tools_run_concurrently_and_sync_ones_on_worker_threads() -> None:
+    import threading
+
+    from troupe._records import ToolCall
+    from troupe._tools import as_tools, call_tools
+
+    pinged, ponged = trio.Event(), trio.Event()
+    threads: list[str] = []
+
+    async def ping() -> str:
+        """Waits for pong: only concurrent calls finish."""
+        pinged.set()
+        await ponged.wait()
+        return "ping"
+
+    async def pong() -> str:
+        """Waits for ping."""
+        ponged.set()
+        await pinged.wait()
+        return "pong"
+
+    def where() -> list[str]:
+        """Says where it ran."""
+        threads.append(threading.current_thread().name)
+        return threads
+
+    tools = as_tools([ping, pong, where])
+    calls = tuple(ToolCall(f"c{i}", name, {}) for i, name in enumerate(["ping", "pong", "where"]))
+    with trio.fail_after(10):
+        results = await call_tools(tools, calls)
+    assert [m.content for m in results] == ["ping", "pong", json.dumps(threads)]
+    assert all(m.role == "tool" for m in results)
+    assert threads != [threading.current_thread().name]

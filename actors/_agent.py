@@ -296,7 +296,13 @@ class AgentActor(Actor):
                 f"{'tool call' if constraint.kind == 'tools' else 'value'} was complete",
                 text=text, tokens=finish.tokens, finish_reason=reason)
         if constraint is not None and constraint.kind in ("json", "choices", "regex"):
-            data = constraint.read(text)
+            try:
+                data = constraint.read(text)
+            except Exception as exc:
+                # The grammar makes this all but impossible (a type cattrs cannot make
+                # from valid JSON): the caller's error, not one that stops the actor.
+                raise ValueError(f"agent {self.agent_id!r}: the reply {text!r} does not "
+                                 f"structure into the schema: {exc!r}") from exc
         calls: tuple[ToolCall, ...] = ()
         if turn.tools and turn.tool_choice != "none":
             native = None if constraint is not None else self.renderer.tool_parser

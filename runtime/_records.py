@@ -191,7 +191,8 @@ class RuntimeStatistics:
     store_bytes_written: int
     store_bytes_read: int
     mask_seconds: float
-    """Time constrained turns spent on their token masks (on the engine thread)."""
+    """Time constrained turns spent on their token masks, on the engine thread (counted as
+    each turn leaves the batch)."""
     grammars_compiled: int
     """Grammars compiled against the model's tokenizer (a schema, choices or regex new to
     this runtime)."""

@@ -33,7 +33,7 @@ class ToolCall:
 
     id: str
     name: str
-    arguments: dict[str, Any]
+    arguments: dict[str, Any] = attrs.field(hash=False)
 
 
 def _check_max_tokens(_: object, __: attrs.Attribute[int], value: int) -> None:
@@ -124,10 +124,11 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int
     finish_reason: FinishReason
-    data: Any = None
+    # Not hashed (a value may be a dict or a list): replies stay hashable.
+    data: Any = attrs.field(default=None, hash=False)
     """A constrained turn's value: for ``schema=``, the parsed JSON, structured into the
     schema when it is a type; for ``choices=`` and ``regex=``, the text. None otherwise."""
-    tool_calls: tuple[ToolCall, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), hash=False)
     """The tools the reply calls (a turn given ``tools=``), in order."""
 
 

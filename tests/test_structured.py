@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import json
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,9 +261,14 @@ async def test_cancelling_a_constrained_turn_frees_its_row_and_matcher() -> None
         async with agent.stream("Go.", schema=_s(400, 400), max_tokens=500) as s:
             async for _ in s:
                 assert engine.counters.constrained_rows == 1
+                (row,) = list(engine._sequences.values())
+                mask = weakref.ref(row.mask)  # the row's processor, which holds the matcher
+                del row
                 break
         assert s.reply is None
         assert engine.counters.constrained_rows == 0
+        gc.collect()
+        assert mask() is None  # nothing in the batch holds it any more
         assert rt.statistics().turns_in_flight == 0
         assert rt.statistics().turns_cancelled == 1
         assert agent.transcript() == ()
@@ -419,6 +426,17 @@ def test_masks_follow_each_rows_tokens_in_eager_and_pipelined_steps(
         assert generated[-1] in info.eos_token_ids  # the grammar ended the row
         assert mask.complete(generated)
         assert re.fullmatch(pattern, model.tokenizer.decode(generated[:-1]))
+    # The free row's greedy tokens are those it makes alone.
+    alone = Batch(model, max_batch_size=4, prefill_step_size=8, eager=eager)
+    uid = alone.insert(list(range(60, 70)), [], None, make_sampler(Sampling(), 0), 30)
+    solo: list[int] = []
+    try:
+        while not solo or (solo[-1] not in info.eos_token_ids and len(solo) < 30):
+            _, outputs = alone.step()
+            solo.extend(out.token for out in outputs if out.uid == uid)
+    finally:
+        alone.close()
+    assert solo == tokens[free]
 
 
 def test_troupe_tool_call_grammars_for_models_without_a_parser(tiny_model: Path) -> None:

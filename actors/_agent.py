@@ -26,11 +26,30 @@ from .._actor import Actor, Pending, Request
 from .._errors import (
     ContextLengthError,
     EngineError,
+    IncompleteReplyError,
     RuntimeClosedError,
     StoreError,
     TroupeError,
 )
-from .._records import AgentStatistics, Message, Reply, Role, Sampling, TurnCounters
+from .._records import (
+    AgentStatistics,
+    FinishReason,
+    Message,
+    Reply,
+    Role,
+    Sampling,
+    ToolCall,
+    TurnCounters,
+)
+from .._schema import Constraint, make_constraint
+from .._tools import (
+    Tool,
+    as_tools,
+    call_tools,
+    check_tool_choice,
+    parse_tool_calls,
+    tool_constraint,
+)
 from .._validate import check_id, check_message
 from ..storage._catalog import AgentRecord
 from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
@@ -48,6 +67,20 @@ class Turn(Request[Reply]):
     text: str
     sampling: Sampling
     deltas: MemoryObjectSendStream[str] | None = attrs.field(default=None, repr=False)
+    constraint: Constraint | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    results: tuple[Message, ...] = ()
+    """Tool results this turn answers (``Agent.run``): they, not a user message, are the
+    turn's new messages."""
+
+    @property
+    def new_messages(self) -> list[Message]:
+        return list(self.results) if self.results else [Message("user", self.text)]
+
+    @property
+    def new_chars(self) -> int:
+        return sum(len(m.content) for m in self.new_messages)
 
 
 @attrs.frozen
@@ -139,13 +172,14 @@ class AgentActor(Actor):
             return None
         raise TypeError(f"an agent cannot handle {message!r}")
 
-    def _messages(self, extra: Message) -> list[dict[str, str]]:
-        return chat_messages(self.state.system, [*self.state.transcript, extra])
+    def _messages(self, extra: list[Message]) -> list[dict[str, str]]:
+        return chat_messages(self.state.system, [*self.state.transcript, *extra])
 
     async def _turn(self, turn: Turn) -> Reply:
         services = self._services
-        user = Message("user", turn.text)
-        prompt = await services.renderer.render(self._messages(user), len(turn.text))
+        new = turn.new_messages
+        tools = [t.describe() for t in turn.tools] or None
+        prompt = await services.renderer.render(self._messages(new), turn.new_chars, tools)
         needed = len(prompt) + turn.sampling.max_tokens
         limit = services.info.context_length
         if needed > limit:
@@ -154,13 +188,20 @@ class AgentActor(Actor):
                 f"{turn.sampling.max_tokens} = {needed} exceeds the model's context of {limit}",
                 needed=needed, limit=limit,
             )
+        matcher = None
+        if turn.constraint is not None:
+            # Off the loop and before any KV is pinned: a grammar new to the runtime is
+            # compiled against the tokenizer here, once (grammars.counters says how long).
+            grammars = services.engine.grammars
+            assert grammars is not None
+            matcher = await anyio.to_thread.run_sync(grammars.matcher, turn.constraint)
         while True:
             # Admitted turns are those the engine can take soon: only they pin KV.
             await services.admission.acquire()
             try:
                 lease = await self._checkout(tuple(prompt))
                 if lease.wait is None:
-                    return await self._run(turn, user, prompt, lease)
+                    return await self._run(turn, new, prompt, lease, matcher)
             finally:
                 services.admission.release()
             # Another turn is computing the blocks this prompt goes on with: wait for them,
@@ -180,7 +221,8 @@ class AgentActor(Actor):
         return checked
 
     async def _run(
-        self, turn: Turn, user: Message, prompt: list[int], lease: TurnLease
+        self, turn: Turn, new: list[Message], prompt: list[int], lease: TurnLease,
+        matcher: Any,
     ) -> Reply:
         services = self._services
         storage = services.storage
@@ -197,7 +239,7 @@ class AgentActor(Actor):
             channel = services.engine.start_turn(
                 prompt[lease.tokens :], prompt[: lease.tokens],
                 storage.kv.sink(self.agent_id), turn.sampling, seed, storage.block_size,
-                services.info.persistable_cache)
+                services.info.persistable_cache, matcher)
             finish, text = await self._follow(channel, turn.deltas)
             if finish.error is not None:
                 services.counters.turns_failed += 1
@@ -206,17 +248,21 @@ class AgentActor(Actor):
             if finish.finish_reason == "cancelled":
                 # The engine stopped under us: the runtime is closing.
                 raise RuntimeClosedError(f"agent {self.agent_id!r}: the runtime closed mid-turn")
+            finish_reason: FinishReason = "stop" if finish.finish_reason == "stop" else "length"
+            data, calls = self._read(turn, finish, text, finish_reason)
             reply = Reply(
                 agent_id=self.agent_id,
                 text=text,
                 tokens=finish.tokens,
                 prompt_tokens=len(prompt) - finish.reused,
                 cached_tokens=finish.reused,
-                finish_reason="stop" if finish.finish_reason == "stop" else "length",
+                finish_reason=finish_reason,
+                data=data,
+                tool_calls=calls,
             )
             committed = True
             try:
-                await self._commit([user, Message("assistant", reply.text)], turn=True)
+                await self._commit([*new, Message("assistant", reply.text)], turn=True)
             except BaseException:
                 services.counters.turns_failed += 1
                 raise
@@ -235,6 +281,34 @@ class AgentActor(Actor):
         self.tokens_prefilled += reply.prompt_tokens
         self.tokens_reused += reply.cached_tokens
         return reply
+
+    def _read(
+        self, turn: Turn, finish: FinishEvent, text: str, reason: FinishReason,
+    ) -> tuple[Any, tuple[ToolCall, ...]]:
+        """A reply's value and tool calls; IncompleteReplyError (nothing committed) for a
+        constrained value that did not complete."""
+        constraint = turn.constraint
+        data: Any = None
+        if constraint is not None and not finish.complete and (
+                constraint.kind in ("json", "choices", "regex")
+                or (constraint.kind == "tools" and turn.tool_choice != "auto")):
+            raise IncompleteReplyError(
+                f"agent {self.agent_id!r}: the reply ended ({reason}) before its "
+                f"{'tool call' if constraint.kind == 'tools' else 'value'} was complete",
+                text=text, tokens=finish.tokens, finish_reason=reason)
+        if constraint is not None and constraint.kind in ("json", "choices", "regex"):
+            try:
+                data = constraint.read(text)
+            except Exception as exc:
+                # The grammar makes this all but impossible (a type cattrs cannot make
+                # from valid JSON): the caller's error, not one that stops the actor.
+                raise ValueError(f"agent {self.agent_id!r}: the reply {text!r} does not "
+                                 f"structure into the schema: {exc!r}") from exc
+        calls: tuple[ToolCall, ...] = ()
+        if turn.tools and turn.tool_choice != "none":
+            native = None if constraint is not None else self.renderer.tool_parser
+            calls = parse_tool_calls(text, turn.tools, native)
+        return data, calls
 
     async def _follow(
         self, channel: TurnChannel, deltas: MemoryObjectSendStream[str] | None
@@ -313,11 +387,12 @@ def chat_messages(system: str, transcript: Sequence[Message]) -> list[dict[str, 
     """The conversation for the chat template.
 
     Consecutive messages of one role (a ``tell`` before a ``say``) are joined: many
-    templates insist that user and assistant alternate.
+    templates insist that user and assistant alternate. Tool results stay apart (templates
+    group them themselves).
     """
     messages = [{"role": "system", "content": system}] if system else []
     for m in transcript:
-        if messages and messages[-1]["role"] == m.role:
+        if messages and messages[-1]["role"] == m.role and m.role != "tool":
             messages[-1]["content"] += "\n\n" + m.content
         else:
             messages.append({"role": m.role, "content": m.content})
@@ -383,17 +458,75 @@ class Agent:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        schema: object = None,
+        choices: Sequence[str] | None = None,
+        regex: str | None = None,
+        tools: Sequence[Tool | Callable[..., Any]] | None = None,
+        tool_choice: str = "auto",
     ) -> Reply:
         """Send the agent a user message and wait for its whole reply.
 
-        Raises ValueError/TypeError for bad arguments, ContextLengthError if the turn
-        cannot fit the context, RuntimeClosedError after close, AgentFailedError if
-        this agent's actor stopped. Cancelling the call cancels the turn: the
-        transcript is left as it was.
+        Typed replies: ``schema`` (an attrs class, a dataclass, a typing type such as
+        ``list[Vote]`` or ``Literal["a", "b"]``, or a JSON Schema dict), ``choices`` (one
+        of these strings) or ``regex`` (text that matches it) constrain the decoding;
+        ``reply.data`` holds the value. ``tools`` (Tool records or functions) go to the
+        model's chat template, and ``reply.tool_calls`` holds the calls the reply makes;
+        ``tool_choice``: ``"auto"``, ``"required"``, ``"none"`` or a tool's name.
+
+        Raises ValueError/TypeError for bad arguments (a schema that cannot be compiled
+        included), ContextLengthError if the turn cannot fit the context,
+        IncompleteReplyError if a constrained reply ran out of ``max_tokens`` before its
+        value was whole, RuntimeClosedError after close, AgentFailedError if this agent's
+        actor stopped. Cancelling the call cancels the turn: the transcript is left as it
+        was.
         """
-        turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop))
+        turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop),
+                          schema, choices, regex, tools, tool_choice)
         pending = await self._submit(turn)
         return await pending.result()
+
+    async def run(
+        self,
+        text: str,
+        *,
+        tools: Sequence[Tool | Callable[..., Any]],
+        max_steps: int = 8,
+        tool_choice: str = "auto",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Reply:
+        """Run the tool loop: send ``text``, call the tools the reply calls (async ones
+        concurrently, sync ones on worker threads), give the model their results as tool
+        messages, and take the next turn, until a reply calls no tool or ``max_steps``
+        turns were taken. Returns the last reply (its ``tool_calls`` are not empty if
+        ``max_steps`` ended the loop).
+
+        ``tool_choice`` applies to the first turn; later turns use ``"auto"`` (so a
+        required call does not loop until ``max_steps``). A tool that raises gives an
+        error result the model sees (``"error: ValueError: ..."``). Every tool must be a
+        function or a Tool with a ``function``.
+        """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+            raise TypeError(f"max_steps must be an int, got {max_steps!r}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        sampling = Sampling(max_tokens, temperature, top_p, seed, stop)
+        turn = self._turn(text, sampling, None, None, None, tools, tool_choice)
+        unrunnable = [t.name for t in turn.tools if t.function is None]
+        if unrunnable:
+            raise ValueError(f"Agent.run calls its tools: {unrunnable} have no function")
+        reply = await (await self._submit(turn)).result()
+        steps = 1
+        while reply.tool_calls and steps < max_steps:
+            results = await call_tools(turn.tools, reply.tool_calls)
+            follow = self._turn_with(
+                "", sampling, None, turn.tools, "auto", tuple(results))
+            reply = await (await self._submit(follow)).result()
+            steps += 1
+        return reply
 
     def stream(
         self,
@@ -404,20 +537,52 @@ class Agent:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        schema: object = None,
+        choices: Sequence[str] | None = None,
+        regex: str | None = None,
+        tools: Sequence[Tool | Callable[..., Any]] | None = None,
+        tool_choice: str = "auto",
     ) -> ReplyStream:
-        """Like ``say``, but yields the reply's text as it is generated.
+        """Like ``say`` (with the same constraints), but yields the reply's text as it is
+        generated.
 
         ``async for delta in agent.stream(...)``; afterwards ``.reply`` holds the Reply.
         Use ``async with agent.stream(...) as s:`` to cancel the turn on early exit.
         """
-        turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop))
+        turn = self._turn(text, Sampling(max_tokens, temperature, top_p, seed, stop),
+                          schema, choices, regex, tools, tool_choice)
         return ReplyStream(self._submit, turn)
 
-    def _turn(self, text: object, sampling: Sampling) -> Turn:
+    def _turn(
+        self, text: object, sampling: Sampling, schema: object,
+        choices: Sequence[str] | None, regex: str | None,
+        tools: Sequence[Tool | Callable[..., Any]] | None, tool_choice: str,
+    ) -> Turn:
         message = check_message(text)
+        constraint = make_constraint(schema, choices, regex)
+        made: tuple[Tool, ...] = ()
+        if tools is not None:
+            made = as_tools(tools)
+            tool_choice = check_tool_choice(tool_choice, made)
+            if constraint is not None and tool_choice != "none":
+                raise ValueError("schema=, choices= and regex= combine with tools= only "
+                                 "when tool_choice='none'")
+        elif tool_choice != "auto":
+            raise ValueError(f"tool_choice {tool_choice!r} needs tools=")
+        return self._turn_with(message, sampling, constraint, made, tool_choice, ())
+
+    def _turn_with(
+        self, message: str, sampling: Sampling, constraint: Constraint | None,
+        tools: tuple[Tool, ...], tool_choice: str, results: tuple[Message, ...],
+    ) -> Turn:
+        renderer = self._actor.renderer
+        if tools and constraint is None:
+            constraint = tool_constraint(tools, tool_choice, renderer.tool_parser is not None)
+        turn = Turn(message, sampling, constraint=constraint, tools=tools,
+                    tool_choice=tool_choice, results=results)
         # Refuse what cannot possibly fit before anyone spends time tokenizing it.
-        self._actor.renderer.check_length(self.id, len(message), sampling.max_tokens)
-        return Turn(message, sampling)
+        renderer.check_length(self.id, turn.new_chars, sampling.max_tokens)
+        return turn
 
     async def tell(self, text: str) -> None:
         """Add a user message to the transcript without asking for a reply.

@@ -31,9 +31,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._errors import EngineError, RuntimeClosedError
 from .._records import Sampling
+from ._constraint import Grammars
 from ._heap import trim_heap, trim_heap_above
 from ._mlx import (
     Batch,
+    GrammarMask,
     KVBlock,
     KVLayers,
     LoadedModel,
@@ -106,6 +108,9 @@ class FinishEvent:
     """Goes to the turn's ``KVSink``; the turn's channel gets the event without it."""
     reused: int = 0
     error: BaseException | None = None
+    complete: bool | None = None
+    """For a constrained turn: whether its tokens make a whole value of its grammar (None
+    for a free turn)."""
 
 
 Event = TokenEvent | PromptEvent | FinishEvent
@@ -133,6 +138,8 @@ class SequenceSpec:
     block_size: int
     cut: bool
     """Whether to cut the final KV into blocks (the model's cache is plain KVCache)."""
+    matcher: Any = attrs.field(default=None, eq=False, repr=False)
+    """A constrained turn's llguidance matcher (its own), or None."""
 
 
 @attrs.define(eq=False)
@@ -146,6 +153,8 @@ class _Sequence:
     published: list[KVBlock] = attrs.field(factory=list)
     """The blocks a PromptEvent handed over: cut once, the final cut starts after them."""
     published_views: list[list[memoryview]] = attrs.field(factory=list)
+    mask: GrammarMask | None = None
+    """A constrained turn's logits processor (and its matcher)."""
 
     @property
     def first_block(self) -> int:
@@ -238,6 +247,9 @@ class EngineStatistics:
     engine_steps: int
     decode_seconds: float
     prefill_seconds: float
+    mask_seconds: float
+    grammars_compiled: int
+    grammars_reused: int
 
 
 @attrs.define
@@ -246,6 +258,10 @@ class EngineCounters:
     peak_batch_size: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    mask_seconds: float = 0.0
+    """Time constrained turns' matchers spent consuming tokens and computing masks."""
+    constrained_rows: int = 0
+    """Constrained turns in the batch now."""
 
 
 IDLE_TRIM_SECONDS = 1.0
@@ -285,6 +301,8 @@ class Engine:
         self._gate = threading.Lock()
         self._closed = False
         self._leftover: list[_Command] = []
+        self.grammars: Grammars | None = None
+        """Compiled grammars for constrained turns (made with the model)."""
 
     # -- event loop side
 
@@ -307,8 +325,10 @@ class Engine:
 
     def statistics(self) -> EngineStatistics:
         c = self.counters
+        g = self.grammars.counters if self.grammars is not None else None
         return EngineStatistics(self.in_flight, c.peak_batch_size, c.steps, c.decode_seconds,
-                                c.prefill_seconds)
+                                c.prefill_seconds, c.mask_seconds,
+                                g.compiled if g else 0, g.reused if g else 0)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between batch steps and return its result."""
@@ -322,7 +342,7 @@ class Engine:
 
     def start_turn(
         self, prompt: list[int], history: list[int], sink: KVSink,
-        sampling: Sampling, seed: int, block_size: int, cut: bool,
+        sampling: Sampling, seed: int, block_size: int, cut: bool, matcher: Any = None,
     ) -> TurnChannel:
         """Put a turn in the batch (on the event loop, no await): its events arrive on the
         channel returned, ending with one FinishEvent. ``sink.cached`` covers ``history``;
@@ -334,7 +354,7 @@ class Engine:
         self._routes[key] = (send, sink)
         try:
             self._put(_Insert(SequenceSpec(key, prompt, history, sink.cached, sampling, seed,
-                                           block_size, cut)))
+                                           block_size, cut, matcher)))
         except BaseException:
             del self._routes[key]  # the engine is gone: nothing will come
             raise
@@ -400,7 +420,9 @@ class Engine:
     def _load(self) -> ModelInfo:
         self._model = LoadedModel(self._model_source())
         self._batch = Batch(self._model, self._max_batch_size, self._prefill_step_size)
-        return self._model.info
+        info = self._model.info
+        self.grammars = Grammars(self._model.tokenizer, info.vocab_size, info.eos_token_ids)
+        return info
 
     def _main(self) -> None:
         error: EngineError | None = None
@@ -519,14 +541,21 @@ class Engine:
                 if cache_tokens(cache) != len(history):
                     raise ValueError(f"a prefix of {cache_tokens(cache)} tokens for a history "
                                      f"of {len(history)}")
+            mask = None
+            if spec.matcher is not None:
+                info = self._model.info
+                mask = GrammarMask(spec.matcher, info.vocab_size, min(info.eos_token_ids))
             uid = self._batch.insert(
                 prompt, history, cache,
-                make_sampler(spec.sampling, spec.seed), spec.sampling.max_tokens,
+                make_sampler(spec.sampling, spec.seed), spec.sampling.max_tokens, mask,
             )
         except Exception as exc:
             self._to_loop(self._route, [self._failed(spec, exc)])
             return
-        sequence = _Sequence(spec, uid, len(history), TextStream(self._model.tokenizer))
+        sequence = _Sequence(spec, uid, len(history), TextStream(self._model.tokenizer),
+                             mask=mask)
+        if mask is not None:
+            self.counters.constrained_rows += 1
         self._sequences[spec.key] = sequence
         self._by_uid[uid] = sequence
         # The finished row is copied out from its first new block on (none if not cut).
@@ -552,15 +581,29 @@ class Engine:
         cache_and_tokens: tuple[KVLayers, list[int]] | None,
         text: str,
         error: BaseException | None = None,
+        *,
+        cut_short: bool = False,
     ) -> FinishEvent:
+        """``cut_short``: a stop string cut the text (a constrained value is then not whole)."""
         del self._sequences[sequence.spec.key]
         del self._by_uid[sequence.uid]
         kv = None
         if cache_and_tokens is not None and sequence.spec.cut:
             kv = self._cut(sequence, *cache_and_tokens)
+        complete = None
+        mask = sequence.mask
+        if mask is not None:
+            # The matcher goes with the row: only its verdict on the whole reply is kept.
+            sequence.mask = None
+            self.counters.constrained_rows -= 1
+            try:
+                complete = mask.complete(sequence.generated) and not cut_short
+            except Exception:
+                complete = False
+            self.counters.mask_seconds += mask.seconds
         return FinishEvent(
             sequence.spec.key, reason, text, tuple(sequence.generated), kv, sequence.reused,
-            error,
+            error, complete,
         )
 
     def _cut(self, sequence: _Sequence, cache: KVLayers, tokens: list[int]) -> CutKV | None:
@@ -623,6 +666,9 @@ class Engine:
         assert self._model is not None
         assert self._batch is not None
         sequence.generated.append(output.token)
+        if sequence.mask is not None and output.finish_reason is None:
+            # Here, between steps, rather than read back from the batch at the next one.
+            sequence.mask.catch_up(sequence.generated)
         if output.token not in self._model.info.eos_token_ids:
             sequence.held += sequence.text.add(output.token)
         if output.finish_reason is not None:
@@ -636,7 +682,7 @@ class Engine:
                 removed = (output.cache or [], output.all_tokens or [])
             else:
                 removed = self._batch.remove(sequence.uid)
-            return self._close(sequence, "stop", removed, emit)
+            return self._close(sequence, "stop", removed, emit, cut_short=True)
         if output.finish_reason is not None:
             sequence.held = ""
             return self._close(

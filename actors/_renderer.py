@@ -9,6 +9,7 @@ carries a long new text goes to a second lane with a tokenizer of its own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -49,20 +50,32 @@ class Renderer:
                 needed=needed, limit=self.context_length,
             )
 
-    async def render(self, messages: Sequence[dict[str, str]], new_chars: int) -> list[int]:
-        """Token ids of ``messages``; ``new_chars`` is the length of the text new this time."""
+    @property
+    def tool_parser(self) -> tuple[Any, str, str] | None:
+        """mlx-lm's tool-call parser for the model (parse, start, end), or None."""
+        parser: tuple[Any, str, str] | None = self._short.tool_parser
+        return parser
+
+    async def render(
+        self, messages: Sequence[dict[str, str]], new_chars: int,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Token ids of ``messages`` (with ``tools`` for the template); ``new_chars`` is the
+        length of the text new this time."""
         if new_chars <= LONG_TEXT:
             return await anyio.to_thread.run_sync(
-                self._short.render, messages, limiter=self._short_lane
+                self._short.render, messages, tools, limiter=self._short_lane
             )
         return await anyio.to_thread.run_sync(
-            self._render_long, messages, limiter=self._long_lane
+            self._render_long, messages, tools, limiter=self._long_lane
         )
 
-    def _render_long(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def _render_long(
+        self, messages: Sequence[dict[str, str]], tools: Sequence[dict[str, Any]] | None,
+    ) -> list[int]:
         if self._long is None:
             self._long = self._short.copy()
-        return self._long.render(messages)
+        return self._long.render(messages, tools)
 
     async def check_fits(
         self, agent_id: str, messages: Sequence[dict[str, str]], new_chars: int

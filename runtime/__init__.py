@@ -18,6 +18,7 @@ from ._errors import (  # noqa: E402
     AgentNotFoundError,
     ContextLengthError,
     EngineError,
+    IncompleteReplyError,
     ModelLoadError,
     RuntimeClosedError,
     StoreError,
@@ -29,8 +30,10 @@ from ._records import (  # noqa: E402
     Reply,
     RuntimeStatistics,
     Sampling,
+    ToolCall,
 )
 from ._runtime import Runtime, open_runtime  # noqa: E402
+from ._tools import Tool  # noqa: E402
 from .actors._agent import Agent, ReplyStream  # noqa: E402
 from .actors._mlx import ModelInfo  # noqa: E402
 
@@ -48,6 +51,7 @@ __all__ = [
     "BlasWarning",
     "ContextLengthError",
     "EngineError",
+    "IncompleteReplyError",
     "Message",
     "ModelInfo",
     "ModelLoadError",
@@ -58,6 +62,8 @@ __all__ = [
     "RuntimeStatistics",
     "Sampling",
     "StoreError",
+    "Tool",
+    "ToolCall",
     "TroupeError",
     "__version__",
     "make_model",

@@ -127,9 +127,11 @@ def _parser() -> argparse.ArgumentParser:
         "with >=1K-token contexts through a small memory budget with a store; "
         "peer: multi-agent workloads on troupe vs mlx_lm.server (a subprocess on the same "
         "model and BLAS); overhead: troupe's costs over a bare BatchGenerator, actor round "
-        "trips, event-loop lag.")
+        "trips, event-loop lag; structured: constrained decoding in the batch (schemas, "
+        "choices) against free turns.")
     bench.add_argument("which", nargs="?", default="batching",
-                       choices=["batching", "ttft", "bytes", "scale", "peer", "overhead"])
+                       choices=["batching", "ttft", "bytes", "scale", "peer", "overhead",
+                                "structured"])
     bench.add_argument("--model", default=None,
                        help="default: 'embedded' ('embedded:tiny' for scale)")
     bench.add_argument("--agents", type=_int_in(1, MAX_SCALE_AGENTS), default=None,
@@ -145,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_int_in(1, 256), default=8,
                        help="scale: max_batch_size (default 8)")
     bench.add_argument("--quick", action="store_true",
-                       help="peer, overhead: a small size that runs in about a minute")
+                       help="peer, overhead, structured: a small size that runs in about a "
+                       "minute")
     bench.add_argument("--only", default=None, metavar="NAMES",
                        help="peer: comma-separated workloads "
                        "(village,crowd,restart,orchestrator; default all)")
@@ -256,6 +259,10 @@ async def _bench(args: argparse.Namespace) -> None:
         from troupe.bench.overhead import bench_overhead
 
         await bench_overhead(model=model, quick=args.quick, json_path=args.json)
+    elif args.which == "structured":
+        from troupe.bench.structured import bench_structured
+
+        await bench_structured(model=model, quick=args.quick)
     elif args.which == "scale":
         await bench_scale(model=model, agents=args.agents or 1000, turns=args.turns,
                           budget=args.budget, max_tokens=args.max_tokens or 8,

@@ -24,16 +24,28 @@ logger = logging.getLogger("troupe")
 EmbeddedSize = Literal["tiny", "small"]
 
 # Bumped whenever the recipe below changes, so cached copies are remade.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SEED = 20261121
 
 SPECIAL_TOKENS = ("<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<pad>")
 BOS, EOS = "<s>", "<|end|>"
 
+# With ``tools``, a Hermes/Qwen-style preamble lists them as JSON and asks for calls as
+# ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` (mlx-lm then picks its JSON
+# tool parser for this template); without, the transcript renders as it always did.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\n"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "To call a tool, answer with one <tool_call>\n"
+    '{"name": <tool_call.name>, "arguments": <tool_call.arguments>}\n'
+    "</tool_call> per call.<|end|>\n{% endif %}"
     "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

@@ -69,3 +69,20 @@ class AgentDamagedError(StoreError):
 
 class EngineError(TroupeError):
     """The MLX engine thread failed; turns in flight end with this error."""
+
+
+class IncompleteReplyError(TroupeError):
+    """A constrained turn (``schema=``, ``choices=``, ``regex=``, a required tool call)
+    ended before its value was whole: ``max_tokens`` ran out, or a stop string cut it.
+
+    Carries ``text`` (the partial reply), ``tokens`` and ``finish_reason``. The turn is not
+    committed: the transcript is left as it was (as for a cancelled turn), so the caller
+    can try again with more ``max_tokens``.
+    """
+
+    def __init__(self, message: str, *, text: str, tokens: tuple[int, ...],
+                 finish_reason: str) -> None:
+        super().__init__(message)
+        self.text = text
+        self.tokens = tokens
+        self.finish_reason = finish_reason

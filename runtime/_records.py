@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
 from ._validate import check_str
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @attrs.frozen
 class Message:
-    """One entry of an agent's transcript."""
+    """One entry of an agent's transcript.
+
+    ``role`` is ``"user"``, ``"assistant"`` or ``"tool"`` (a tool's result, which
+    ``Agent.run`` appends after the assistant message that called it; an assistant
+    message that calls tools holds the calls as the model wrote them).
+    """
 
     role: Role
     content: str
+
+
+@attrs.frozen
+class ToolCall:
+    """One tool call of a reply: the tool's ``name``, its ``arguments`` (parsed JSON, as
+    the tool's parameters schema describes) and an ``id`` unique within the agent."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = attrs.field(hash=False)
 
 
 def _check_max_tokens(_: object, __: attrs.Attribute[int], value: int) -> None:
@@ -109,6 +124,12 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int
     finish_reason: FinishReason
+    # Not hashed (a value may be a dict or a list): replies stay hashable.
+    data: Any = attrs.field(default=None, hash=False)
+    """A constrained turn's value: for ``schema=``, the parsed JSON, structured into the
+    schema when it is a type; for ``choices=`` and ``regex=``, the text. None otherwise."""
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), hash=False)
+    """The tools the reply calls (a turn given ``tools=``), in order."""
 
 
 @attrs.frozen
@@ -170,6 +191,14 @@ class RuntimeStatistics:
     """Turns that prefilled again KV an agent had held (evicted with no copy, or damaged)."""
     store_bytes_written: int
     store_bytes_read: int
+    mask_seconds: float
+    """Time constrained turns spent on their token masks, on the engine thread (counted as
+    each turn leaves the batch)."""
+    grammars_compiled: int
+    """Grammars compiled against the model's tokenizer (a schema, choices or regex new to
+    this runtime)."""
+    grammars_reused: int
+    """Constrained turns whose grammar was already compiled (copied, not compiled)."""
 
 
 @attrs.define

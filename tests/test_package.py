@@ -30,9 +30,10 @@ def test_public_names_are_pinned() -> None:
     assert sorted(troupe.__all__) == sorted([
         "BLAS", "Agent", "AgentDamagedError", "AgentExistsError", "AgentFailedError",
         "AgentNotFoundError", "AgentStatistics", "BlasStatus", "BlasWarning",
-        "ContextLengthError", "EngineError",
+        "ContextLengthError", "EngineError", "IncompleteReplyError",
         "Message", "ModelInfo", "ModelLoadError", "Reply", "ReplyStream", "Runtime",
-        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "TroupeError",
+        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "Tool", "ToolCall",
+        "TroupeError",
         "__version__", "make_model", "open_runtime",
     ])
     for name in troupe.__all__:
@@ -281,6 +282,12 @@ async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
         [PYTHON, str(ROOT / "examples" / "quickstart.py"), "embedded:tiny"], troupe_env))
     assert quick.returncode == 0, quick.stderr
     assert "alice has 4 messages" in quick.stdout
+    typed = await trio.to_thread.run_sync(lambda: _run(
+        [PYTHON, str(ROOT / "examples" / "structured.py"), "embedded:tiny"], troupe_env))
+    assert typed.returncode == 0, typed.stderr
+    assert "scout: " in typed.stdout
+    assert "->  Move(" in typed.stdout
+    assert "helper made 1 tool call(s)" in typed.stdout
     app = [PYTHON, str(ROOT / "examples" / "asyncio_app.py"), "embedded:tiny",
            str(tmp_path / "store")]
     first = await trio.to_thread.run_sync(lambda: _run(app, troupe_env))

@@ -7,7 +7,8 @@ arrays here must run on the engine thread (MLX streams are thread-local).
 - ``_model``: loading a model (``LoadedModel``) and ``ModelInfo``.
 - ``_tokenizer``: the tokenizer (``Tokenizer``) and incremental detokenization
   (``TextStream``).
-- ``_sampling``: per-turn samplers (``make_sampler``).
+- ``_sampling``: per-turn samplers (``make_sampler``); constrained rows' token masks
+  (``GrammarMask``).
 - ``_blocks``: KV caches as blocks: ``BlockLayout``, ``cut_blocks``, ``row_cache``...
 - ``_batch``: continuous batching behind a typed surface (``Batch``).
 - ``_batch_cache``, ``_generator``: troupe's subclasses of mlx-lm's KV cache and batch
@@ -29,13 +30,14 @@ from ._blocks import (
     row_cache,
 )
 from ._model import LoadedModel, ModelInfo
-from ._sampling import Sampler, make_sampler
+from ._sampling import GrammarMask, Sampler, make_sampler
 from ._tokenizer import NO_LENGTH_LIMIT, TextStream, Tokenizer
 
 __all__ = [
     "NO_LENGTH_LIMIT",
     "Batch",
     "BlockLayout",
+    "GrammarMask",
     "KVBlock",
     "KVLayers",
     "LoadedModel",

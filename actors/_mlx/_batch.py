@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from ._blocks import KVLayers
 from ._model import LoadedModel
-from ._sampling import Sampler
+from ._sampling import GrammarMask, Sampler
 
 if TYPE_CHECKING:
     from ._generator import RowsGenerator
@@ -73,14 +73,17 @@ class Batch:
         cache: KVLayers | None,
         sampler: Sampler,
         max_tokens: int,
+        processor: GrammarMask | None = None,
     ) -> int:
-        """Queue a sequence; ``cache`` must cover exactly ``history``. Returns its uid."""
+        """Queue a sequence; ``cache`` must cover exactly ``history``. Returns its uid.
+        ``processor`` masks this row's logits (a constrained turn), and no other row's."""
         uids = self._generator.insert(
             [prompt],
             max_tokens=[max_tokens],
             caches=[cache] if cache is not None else None,
             all_tokens=[history],
             samplers=[sampler],
+            logits_processors=[[processor] if processor is not None else []],
         )
         return int(uids[0])
 

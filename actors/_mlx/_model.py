@@ -75,7 +75,9 @@ class LoadedModel:
         # that first run checks for a C++ compiler with system(), which ignores Ctrl-C in
         # the whole process while it runs: better here than in the middle of a turn.
         try:
-            mx.eval(self.model(mx.array([[0]]), cache=probe))
+            logits = self.model(mx.array([[0]]), cache=probe)
+            mx.eval(logits)
+            width = int(logits.shape[-1])
             if blocks:
                 self.layout = BlockLayout.of(probe)
         except Exception as exc:
@@ -86,7 +88,8 @@ class LoadedModel:
             name=path.name,
             context_length=_context_length(config),
             num_layers=layers,
-            vocab_size=int(config.get("vocab_size", 0)),
+            # The logits' width: what a constrained turn's token mask covers.
+            vocab_size=width,
             eos_token_ids=frozenset(int(t) for t in wrapped.eos_token_ids),
             kv_bytes_per_token=self.layout.bytes_per_token if self.layout else 0,
             persistable_cache=blocks,

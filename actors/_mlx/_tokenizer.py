@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 # transformers' VERY_LARGE_INTEGER: a tokenizer's model_max_length when there is none.
@@ -29,26 +30,49 @@ class Tokenizer:
         self.max_token_chars = max(1, longest)
         """The longest vocabulary piece, in characters: a token never spells more text."""
 
+    def grammar_tokenizer(self, vocab_size: int, eos_token_ids: Iterable[int]) -> Any:
+        """The tokenizer as llguidance's ``LLTokenizer`` (for token masks over the model's
+        ``vocab_size`` logits), ending turns with the model's end tokens."""
+        import llguidance.hf
+
+        hf = getattr(self._wrapped, "_tokenizer", self._wrapped)
+        return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size,
+                                            eos_token=sorted(eos_token_ids))
+
+    @property
+    def tool_parser(self) -> Any:
+        """mlx-lm's tool-call parser for this model's template (``parse(text, tools)``), its
+        start and end markers; None where mlx-lm knows none."""
+        wrapped = self._wrapped
+        if not getattr(wrapped, "has_tool_calling", False):
+            return None
+        return (wrapped.tool_parser, wrapped.tool_call_start, wrapped.tool_call_end)
+
     def copy(self) -> Tokenizer:
         """Another tokenizer like this one, for another caller."""
         return Tokenizer(copy.deepcopy(self._wrapped))
 
-    def render(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` under the chat template, ready for the reply.
+    def render(
+        self, messages: Sequence[dict[str, str]], tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Token ids of ``messages`` under the chat template, ready for the reply; ``tools``
+        (OpenAI-style function descriptions) go to the template's ``tools=``.
 
         ValueError if the model's template refuses the conversation.
         """
         if self._has_template:
             try:
                 ids = self._wrapped.apply_chat_template(
-                    list(messages), add_generation_prompt=True, tokenize=True
+                    list(messages), add_generation_prompt=True, tokenize=True,
+                    **({"tools": list(tools)} if tools else {}),
                 )
             except Exception as exc:
                 raise ValueError(f"the model's chat template refused the conversation: {exc}") \
                     from exc
             return [int(t) for t in ids]
-        # A base model without a template gets a plain transcript.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        # A base model without a template gets a plain transcript (and its tools, as JSON).
+        head = "".join(f"tool: {json.dumps(t)}\n" for t in tools or ())
+        text = head + "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return [int(t) for t in self._wrapped.encode(text)]
 
     def decode(self, tokens: Sequence[int]) -> str:

@@ -51,8 +51,21 @@ logger = logging.getLogger("troupe")
 
 @attrs.frozen
 class AddAgent(Request[None]):
+    """A new agent; ``ephemeral``: one that the catalog never hears of and whose KV is
+    never written (a stateless HTTP request's, deleted when it ends)."""
+
     agent_id: str
     system: str
+    messages: tuple[tuple[str, str], ...] = ()
+    ephemeral: bool = False
+
+
+@attrs.frozen
+class DeleteAgent(Request[None]):
+    """An agent goes for good: its lease (its blocks stay as a cache, unpinned), its
+    catalog rows and its tail file."""
+
+    agent_id: str
 
 
 @attrs.frozen
@@ -395,6 +408,8 @@ class Storage(Actor):
         self._loaded: dict[str, LoadedKV] = {}
         # The prefetch under way for an agent, if any (its turns wait for it).
         self._ahead: dict[str, Ahead] = {}
+        # Agents the catalog never hears of (AddAgent.ephemeral): their KV stays in memory.
+        self._ephemeral: set[str] = set()
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
@@ -465,6 +480,7 @@ class Storage(Actor):
             Checkout: self._checkout, Install: self._install_loaded,
             WritePublished: self._write_published, Commit: self._commit,
             AddAgent: self._add, ForkAgent: self._fork, Activate: self._activate,
+            DeleteAgent: self._delete,
             Deactivate: self._deactivate, InstallAhead: self._install_ahead,
         }
         handler = handlers.get(type(message))
@@ -473,10 +489,26 @@ class Storage(Actor):
         raise TypeError(f"storage cannot handle {message!r}")
 
     async def _add(self, message: AddAgent) -> None:
+        if message.ephemeral:
+            self._ephemeral.add(message.agent_id)
+        elif self._catalog is not None:
+            assert self._sqlite is not None
+            await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system,
+                                   list(message.messages))
+        self.pool.lease(message.agent_id)
+
+    async def _delete(self, message: DeleteAgent) -> None:
+        agent_id = message.agent_id
+        self.pool.release_lease(agent_id)
+        self.pool.evict()
+        if agent_id in self._ephemeral:
+            self._ephemeral.discard(agent_id)
+            return
         if self._catalog is not None:
             assert self._sqlite is not None
-            await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system)
-        self.pool.lease(message.agent_id)
+            name = await self._sqlite.run(self._catalog.delete_agent, agent_id)
+            if name is not None:
+                await anyio.to_thread.run_sync(self.kv.remove, name)
 
     async def _fork(self, message: ForkAgent) -> int:
         pool = self.pool
@@ -857,7 +889,7 @@ class Storage(Actor):
     async def _write_published(self, message: WritePublished) -> None:
         pool = self.pool
         unwritten = self._unwritten.pop(message.agent_id, [])
-        if self._catalog is not None:
+        if self._catalog is not None and message.agent_id not in self._ephemeral:
             # Written now, while the turn decodes; recorded by the first commit naming them.
             for block, view in unwritten:
                 if block.file is not None or block.block_id in self._staged:
@@ -922,7 +954,7 @@ class Storage(Actor):
             pool.set_chain(lease, chain)
             pool.touch([pool.blocks[b] for b in chain], tail)
         try:
-            if self._catalog is not None:
+            if self._catalog is not None and message.agent_id not in self._ephemeral:
                 await self._persist(message, lease, chain, views, kv, published)
                 if chain is not None and old_tail is not None:
                     await anyio.to_thread.run_sync(self.kv.remove, old_tail.name)

@@ -31,6 +31,7 @@ from ._records import (  # noqa: E402
     Sampling,
 )
 from ._runtime import Runtime, open_runtime  # noqa: E402
+from ._serve import ServeOptions, serve  # noqa: E402
 from .actors._agent import Agent, ReplyStream  # noqa: E402
 from .actors._mlx import ModelInfo  # noqa: E402
 
@@ -57,11 +58,13 @@ __all__ = [
     "RuntimeClosedError",
     "RuntimeStatistics",
     "Sampling",
+    "ServeOptions",
     "StoreError",
     "TroupeError",
     "__version__",
     "make_model",
     "open_runtime",
+    "serve",
 ]
 
 

@@ -489,6 +489,19 @@ class Catalog:
             )
             await _insert_messages(db, agent_id, first_seq, new_messages)
 
+    async def delete_agent(self, agent_id: str) -> str | None:
+        """Delete an agent's row and messages in one transaction; the name of its tail file
+        (for the caller to remove), or None. Its blocks' rows stay: other chains may hold
+        them, and any that none does are a cache the next opening keeps or collects."""
+        async with self._transaction(f"delete agent {agent_id!r} from") as db:
+            rows = await db.execute_fetchall(
+                "SELECT tail_file FROM agents WHERE id = ?", (agent_id,))
+            await db.execute("DELETE FROM messages WHERE agent_id = ?", (agent_id,))
+            await db.execute("DELETE FROM agents WHERE id = ?", (agent_id,))
+        for (name,) in rows:
+            return str(name) if name is not None else None
+        return None
+
     async def forget_block(self, block_id: bytes) -> None:
         """Delete a damaged block's row (chains keep its id; a rebuild writes it again)."""
         async with self._transaction("drop a damaged block from") as db:

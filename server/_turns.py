@@ -1,0 +1,198 @@
+"""From an API request to troupe's turns, in one place: who speaks (a named agent, or a
+short-lived one holding the request's conversation), what it is told, how it samples,
+and which troupe errors become which HTTP statuses.
+
+Tools, tool results and structured output (``response_format``) are refused here with a
+400 until troupe's Python API has typed replies and tools; wiring them is this module's
+job then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+import attrs
+
+from .. import (
+    Agent,
+    AgentExistsError,
+    AgentFailedError,
+    AgentNotFoundError,
+    ContextLengthError,
+    Message,
+    Reply,
+    ReplyStream,
+    Runtime,
+    RuntimeClosedError,
+    Sampling,
+    TroupeError,
+)
+from ._errors import ApiError
+
+
+@attrs.frozen
+class Conversation:
+    """What one request asks: ``history`` then ``told`` then ``last`` (the message the
+    reply answers). ``agent_id``: speak as that agent (it has its own history; only
+    ``told`` and ``last`` are sent to it)."""
+
+    system: str
+    history: tuple[Message, ...]
+    told: tuple[str, ...]
+    last: str
+    agent_id: str | None = None
+
+
+def split_turn(
+    system: str, messages: Sequence[Message], agent_id: str | None, param: str = "messages"
+) -> Conversation:
+    """The request's messages as a conversation: they must end with a user message; the
+    user messages after the last assistant one are what is new."""
+    if not messages or messages[-1].role != "user":
+        raise ApiError(400, f"{param}: the last message must be the user's", param=param,
+                       code="invalid_value")
+    first_new = len(messages)
+    while first_new > 0 and messages[first_new - 1].role == "user":
+        first_new -= 1
+    new = [m.content for m in messages[first_new:]]
+    return Conversation(system, tuple(messages[:first_new]), tuple(new[:-1]), new[-1],
+                        agent_id)
+
+
+def sampling(
+    max_tokens: int, temperature: float, top_p: float, seed: int | None,
+    stop: str | Sequence[str] | None, param: str = "stop",
+) -> Sampling:
+    try:
+        return Sampling(max_tokens, temperature, top_p, seed, stop)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), code="invalid_value", param=param) from None
+
+
+@contextlib.asynccontextmanager
+async def speaker(rt: Runtime, conversation: Conversation) -> AsyncIterator[Agent]:
+    """The agent that answers: the named one (told the new messages first), or a
+    short-lived one holding the conversation, deleted when the block ends.
+
+    A short-lived agent's turns reuse whatever KV blocks any agent or request computed for
+    the same tokens, so a client that resends a growing conversation prefills only what
+    is new; since the store never hears of it, stateless traffic does not fill the store.
+    """
+    if conversation.agent_id is not None:
+        agent = await rt.get(conversation.agent_id)
+        for text in conversation.told:
+            await agent.tell(text)
+        yield agent
+        return
+    history = list(conversation.history)
+    history += [Message("user", text) for text in conversation.told]
+    agent = await rt._spawn_with(None, conversation.system, history)
+    try:
+        yield agent
+    finally:
+        with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
+            await rt._delete(agent.id)
+
+
+async def say(rt: Runtime, conversation: Conversation, options: Sampling) -> Reply:
+    async with speaker(rt, conversation) as agent:
+        return await agent.say(conversation.last, max_tokens=options.max_tokens,
+                               temperature=options.temperature, top_p=options.top_p,
+                               seed=options.seed, stop=options.stop)
+
+
+@attrs.define
+class OpenStream:
+    """A turn whose first delta has come (so that its errors were HTTP statuses): the
+    rest follows from ``stream``; ``aclose`` cancels it if unfinished and cleans up."""
+
+    first: str | None
+    stream: ReplyStream
+    _stack: contextlib.AsyncExitStack
+
+    async def rest(self) -> AsyncIterator[str]:
+        if self.first is None:
+            return
+        yield self.first
+        async for delta in self.stream:
+            yield delta
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stack.aclose()
+
+
+async def open_stream(rt: Runtime, conversation: Conversation, options: Sampling) -> OpenStream:
+    stack = contextlib.AsyncExitStack()
+    try:
+        agent = await stack.enter_async_context(speaker(rt, conversation))
+        stream = await stack.enter_async_context(agent.stream(
+            conversation.last, max_tokens=options.max_tokens, temperature=options.temperature,
+            top_p=options.top_p, seed=options.seed, stop=options.stop))
+        try:
+            first: str | None = await stream.__anext__()
+        except StopAsyncIteration:
+            first = None
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stack.aclose()
+        raise
+    return OpenStream(first, stream, stack)
+
+
+def usage_numbers(reply: Reply) -> tuple[int, int, int]:
+    """(prompt tokens in all, of which reused from cache, generated)."""
+    return reply.prompt_tokens + reply.cached_tokens, reply.cached_tokens, len(reply.tokens)
+
+
+def api_error(exc: BaseException) -> ApiError | None:
+    """The status a troupe error means to a client; None for what is not troupe's."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return ApiError(400, f"{exc} (the model's context is {exc.limit} tokens)",
+                        code="context_length_exceeded", param="messages")
+    if isinstance(exc, AgentNotFoundError):
+        return ApiError(404, str(exc).strip("'\""), code="agent_not_found")
+    if isinstance(exc, AgentExistsError):
+        return ApiError(409, str(exc), code="agent_exists")
+    if isinstance(exc, RuntimeClosedError):
+        return ApiError(503, "the server is shutting down", code="shutting_down",
+                        retry_after=1.0)
+    if isinstance(exc, AgentFailedError | TroupeError):
+        return ApiError(500, f"the turn failed: {exc}", code="server_error")
+    if isinstance(exc, ValueError | TypeError):
+        return ApiError(400, str(exc), code="invalid_value")
+    return None
+
+
+def text_of(content: Any, param: str) -> str:
+    """A message's content: a string, or text parts (OpenAI's and Anthropic's shape)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ApiError(400, f"{param}[{i}]: a content part must be an object with a "
+                               "type", param=param, code="invalid_value")
+            kind = part["type"]
+            if kind in ("text", "input_text", "output_text"):
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ApiError(400, f"{param}[{i}].text must be a string", param=param,
+                                   code="invalid_value")
+                texts.append(text)
+            elif kind in ("tool_use", "tool_result", "function_call",
+                          "function_call_output"):
+                raise ApiError(400, f"{param}[{i}]: {kind} content is not supported by this "
+                               "server yet", param=param, code="unsupported")
+            else:
+                raise ApiError(400, f"{param}[{i}]: content of type {kind!r} is not "
+                               "supported (text only)", param=param, code="unsupported")
+        return "".join(texts)
+    raise ApiError(400, f"{param}: content must be a string or an array of text parts",
+                   param=param, code="invalid_value")

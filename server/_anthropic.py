@@ -85,7 +85,8 @@ async def messages(request: Request) -> Response:
         raise ApiError(400, "max_tokens: a number of tokens is required", param="max_tokens")
     if body.get("top_k") is not None:
         raise unsupported("top_k", "top_k")
-    if body.get("thinking") is not None:
+    thinking = get_dict(body, "thinking")
+    if thinking is not None and thinking.get("type") != "disabled":
         raise unsupported("thinking", "thinking")
     stops = get_list(body, "stop_sequences") or []
     options = sampling(max_tokens, get_float(body, "temperature", 0.0, 1.0, 1.0),

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import Runtime
+from .. import Runtime, TroupeError
 from .._serve import ServeOptions
 from ._errors import ApiError, error_response
 from ._metrics import Metrics
@@ -217,7 +217,10 @@ def _handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]
 
     from starlette.exceptions import HTTPException
 
-    return {Exception: on_error, ApiError: on_error, HTTPException: on_http}
+    # The errors a request can cause are answered here; only the unexpected reach
+    # Exception (a 500 in the API's shape, and the traceback in the log, not the response).
+    return {ApiError: on_error, TroupeError: on_error, ValueError: on_error,
+            TypeError: on_error, HTTPException: on_http, Exception: on_error}
 
 
 def make_app(rt: Runtime, options: ServeOptions | None = None) -> ASGIApp:

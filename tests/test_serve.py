@@ -1,0 +1,365 @@
+"""`troupe serve` on the real embedded model and real loopback sockets, driven by the
+official openai and anthropic clients (and httpx for troupe's agents API)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+import troupe
+from serving import KEY, Server, serving
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with serving() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def model(server: Server) -> str:
+    return server.rt.model.name
+
+
+@pytest.fixture
+def oai(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def claude(server: Server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as client:
+        yield client
+
+
+def _ask(
+    oai: openai.OpenAI, model: str, text: str, **kw: object
+) -> openai.types.chat.ChatCompletion:
+    return oai.chat.completions.create(  # type: ignore[call-overload, no-any-return]
+        model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+# -- OpenAI ---------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(oai: openai.OpenAI, model: str) -> None:
+    assert [m.id for m in oai.models.list().data] == [model]
+    assert oai.models.retrieve(model).id == model
+
+
+def test_chat_completion_and_its_stream_agree(oai: openai.OpenAI, model: str,
+                                              server: Server) -> None:
+    reply = _ask(oai, model, "Tell me a story.", max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+    # The same greedy turn streamed: the same text, chunk by chunk, then the usage.
+    chunks = list(_ask(oai, model, "Tell me a story.", max_completion_tokens=8,
+                       temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 8
+    # Stateless requests leave no agent behind.
+    assert server.statistics().agents == 0
+
+
+def test_seeded_sampling_repeats(oai: openai.OpenAI, model: str) -> None:
+    texts = {_ask(oai, model, "Pick a word.", max_tokens=6, temperature=0.9, top_p=0.9,
+                  seed=7).choices[0].message.content for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_stop_sequence_cuts_the_reply(oai: openai.OpenAI, model: str) -> None:
+    full = _ask(oai, model, "Count.", max_tokens=12, temperature=0).choices[0].message.content
+    assert full is not None
+    assert len(full) > 4
+    stop = full[3:5]
+    cut = _ask(oai, model, "Count.", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_a_resent_conversation_prefills_only_what_is_new(
+        oai: openai.OpenAI, model: str, server: Server) -> None:
+    system = "You are a careful narrator of a long story about a village. " * 6
+    messages: list[dict[str, str]] = [{"role": "system", "content": system},
+                                      {"role": "user", "content": "Begin."}]
+    first = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                        max_tokens=8, temperature=0)
+    assert first.usage is not None
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "Go on."}]
+    second = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                         max_tokens=8, temperature=0)
+    usage = second.usage
+    assert usage is not None
+    assert usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    # Every full 16-token block of the first turn's prompt and reply is reused.
+    assert cached >= (first.usage.prompt_tokens // 16) * 16 > 0
+    assert usage.prompt_tokens - cached < 16 + 16
+    assert server.statistics().agents == 0
+
+
+def test_speaking_as_a_named_agent(oai: openai.OpenAI, model: str, http: httpx.Client) -> None:
+    assert http.post("/v1/agents", json={"id": "narrator", "system": "Be brief."}
+                     ).status_code == 201
+    reply = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello."}], max_tokens=3,
+        temperature=0, extra_headers={"X-Troupe-Agent": "narrator"})
+    assert reply.choices[0].message.content is not None
+    agent = http.get("/v1/agents/narrator").json()
+    assert [m["role"] for m in agent["transcript"]] == ["user", "assistant"]
+    assert agent["transcript"][1]["content"] == reply.choices[0].message.content
+    assert http.delete("/v1/agents/narrator").status_code == 200
+
+
+def test_a_client_leaving_mid_stream_cancels_its_turn(
+        oai: openai.OpenAI, model: str, http: httpx.Client, server: Server) -> None:
+    assert http.post("/v1/agents", json={"id": "leaver"}).status_code == 201
+    stream = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Talk for long."}],
+        max_tokens=2000, temperature=0, stream=True,
+        extra_headers={"X-Troupe-Agent": "leaver"})
+    next(iter(stream))
+    stream.close()
+    # The agent's turns run in order: this one runs once the first is over, which,
+    # cancelled, left the transcript as it was (no 2000-token reply in it).
+    reply = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Short now."}], max_tokens=2,
+        extra_headers={"X-Troupe-Agent": "leaver"})
+    assert reply.choices[0].message.content is not None
+    transcript = http.get("/v1/agents/leaver").json()["transcript"]
+    assert [m["content"] for m in transcript if m["role"] == "user"] == ["Short now."]
+    assert server.statistics().turns_cancelled >= 1
+    http.delete("/v1/agents/leaver")
+
+
+def test_responses_continue_by_id(oai: openai.OpenAI, model: str, http: httpx.Client) -> None:
+    first = oai.responses.create(model=model, input="Name a color.", instructions="Be brief.",
+                                 max_output_tokens=4, temperature=0)
+    assert first.output_text
+    second = oai.responses.create(model=model, input="Another.", previous_response_id=first.id,
+                                  max_output_tokens=4, temperature=0)
+    assert second.id != first.id
+    assert second.usage is not None
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    with pytest.raises(openai.BadRequestError):  # only the latest of a chain goes on
+        oai.responses.create(model=model, input="Again.", previous_response_id=first.id,
+                             max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.create(model=model, input="x", previous_response_id="resp_nope_1",
+                             max_output_tokens=2)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_bad_requests_get_openai_errors(oai: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        _ask(oai, "no-such-model", "hi", max_tokens=2)
+    assert "no-such-model" in missing.value.message
+    with pytest.raises(openai.BadRequestError) as hot:
+        _ask(oai, model, "hi", max_tokens=2, temperature=5)
+    assert hot.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as long:
+        _ask(oai, model, "hi " * 3000, max_tokens=2)
+    assert long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as tools:
+        _ask(oai, model, "hi", max_tokens=2, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object"}}}])
+    assert "not supported by this server yet" in tools.value.message
+    with pytest.raises(openai.BadRequestError):
+        _ask(oai, model, "hi", max_tokens=2, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=model, max_tokens=2, messages=[
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(openai.BadRequestError):
+        _ask(oai, model, "hi", max_tokens=2, n=2)
+
+
+def test_bad_bodies_and_keys(server: Server, model: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        anonymous = client.get("/v1/models")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["type"] == "authentication_error"
+        assert client.get("/v1/models", headers={"x-api-key": KEY + "x"}).status_code == 401
+        assert client.get("/health").json()["ready"] is True  # no key needed
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert client.post("/v1/chat/completions", headers=auth,
+                           content=b"{not json").status_code == 400
+        assert client.post("/v1/chat/completions", headers=auth, content=b"[]").status_code == 400
+        huge = client.post("/v1/chat/completions", headers=auth,
+                           content=b"x" * (server_limit() + 1))
+        assert huge.status_code == 413
+        assert huge.json()["error"]["code"] == "request_too_large"
+        assert client.get("/v1/nothing", headers=auth).status_code == 404
+        assert client.get("/v1/chat/completions", headers=auth).status_code == 405
+        for status in (huge, anonymous):
+            assert "Traceback" not in status.text
+
+
+def server_limit() -> int:
+    return troupe.ServeOptions().max_body_bytes
+
+
+def test_anonymous_on_a_public_address_is_refused() -> None:
+    async def attempt() -> None:
+        async with troupe.open_runtime("embedded:tiny") as rt:
+            await troupe.serve(rt, host="0.0.0.0", port=0)
+
+    import trio
+
+    with pytest.raises(ValueError, match="without an API key"):
+        trio.run(attempt)
+
+
+def test_rate_limit_answers_429_with_retry_after(model: str) -> None:
+    options = troupe.ServeOptions(api_keys=(KEY, "other"), rate_limit=0.001, rate_burst=2)
+    with serving(options=options) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+        client.models.list()
+        client.models.list()
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.models.list()
+        assert int(limited.value.response.headers["Retry-After"]) >= 1
+        # The limit is per key.
+        other = openai.OpenAI(base_url=f"{running.url}/v1", api_key="other", max_retries=0)
+        assert other.models.list().data
+
+
+# -- Anthropic ------------------------------------------------------------------------------
+
+def test_anthropic_messages_and_stream(claude: anthropic.Anthropic, model: str) -> None:
+    message = claude.messages.create(
+        model=model, max_tokens=6, system=[{"type": "text", "text": "Be brief."}],
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello."}]}])
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 6
+    text = message.content[0].text  # type: ignore[union-attr]
+    with claude.messages.stream(model=model, max_tokens=6, system="Be brief.",
+                                extra_body={"temperature": 0},
+                                messages=[{"role": "user", "content": "Hello."}]) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == text
+    assert final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens == 6
+    # A resent conversation is read from cache.
+    again = claude.messages.create(model=model, max_tokens=2, system="Be brief.", messages=[
+        {"role": "user", "content": "Hello."}, {"role": "assistant", "content": text},
+        {"role": "user", "content": "More."}])
+    assert (again.usage.cache_read_input_tokens or 0) > 0
+    count = claude.messages.count_tokens(model=model, system="Be brief.",
+                                         messages=[{"role": "user", "content": "Hello."}])
+    assert count.input_tokens == (message.usage.input_tokens
+                                  + (message.usage.cache_read_input_tokens or 0))
+
+
+def test_anthropic_errors_in_its_shape(claude: anthropic.Anthropic, model: str) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.create(model="nope", max_tokens=2,
+                               messages=[{"role": "user", "content": "x"}])
+    assert missing.value.body["type"] == "error"  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as tools:
+        claude.messages.create(model=model, max_tokens=2, tools=[{
+            "name": "f", "input_schema": {"type": "object"}}],
+            messages=[{"role": "user", "content": "x"}])
+    assert tools.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    bad_key = anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad_key.messages.create(model=model, max_tokens=2,
+                                messages=[{"role": "user", "content": "x"}])
+
+
+# -- the agents API -------------------------------------------------------------------------
+
+def test_agents_api(http: httpx.Client) -> None:
+    for i in range(3):
+        assert http.post("/v1/agents", json={"id": f"team/{i}", "system": "Be brief."}
+                         ).status_code == 201
+    assert http.post("/v1/agents", json={"id": "team/0"}).status_code == 409
+    page = http.get("/v1/agents", params={"limit": 2}).json()
+    assert page["has_more"] is True
+    rest = http.get("/v1/agents", params={"after": page["last_id"]}).json()
+    ids = [a["id"] for a in page["data"] + rest["data"]]
+    assert {"team/0", "team/1", "team/2"} <= set(ids)
+    assert len(ids) == len(set(ids))
+    assert http.post("/v1/agents/team/0/tell", json={"message": "Remember 7."}
+                     ).status_code == 202
+    reply = http.post("/v1/agents/team/0/turns",
+                      json={"message": "What number?", "max_tokens": 3}).json()
+    assert reply["usage"]["completion_tokens"] == 3
+    with http.stream("POST", "/v1/agents/team/1/turns",
+                     json={"message": "Hi.", "max_tokens": 3, "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(e.get("delta", "") for e in events[:-1]) == events[-1]["text"]
+    fork = http.post("/v1/agents/team/0/fork", json={"id": "team/0b"})
+    assert fork.status_code == 201
+    got = http.get("/v1/agents/team/0b").json()
+    assert [m["role"] for m in got["transcript"]] == ["user", "user", "assistant"]
+    assert got["statistics"]["turns"] == 1
+    stats = http.get("/v1/statistics").json()
+    assert stats["turns_completed"] >= 2
+    for agent_id in ("team/0", "team/0b", "team/1", "team/2"):
+        assert http.delete(f"/v1/agents/{agent_id}").status_code == 200
+    gone = http.get("/v1/agents/team/0")
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == "agent_not_found"
+    assert http.delete("/v1/agents/team/0").status_code == 404
+    assert http.post("/v1/agents/team/0/turns", json={"message": "x"}).status_code == 404
+
+
+def test_health_metrics_and_schema(http: httpx.Client) -> None:
+    assert http.get("/health").json() == {"status": "ok", "live": True, "ready": True}
+    metrics = http.get("/metrics").text
+    for name in ("troupe_http_requests_total", "troupe_turns_completed_total",
+                 "troupe_kv_hot_bytes", "troupe_turns_in_flight", "troupe_evictions_total",
+                 "troupe_http_time_to_first_token_seconds_bucket"):
+        assert name in metrics
+    schema = http.get("/openapi.json").json()
+    assert "/v1/agents/{agent_id}/turns" in schema["paths"]
+
+
+# -- restarts, backends, the command ---------------------------------------------------------
+
+def test_a_response_chain_survives_a_restart(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with serving(store) as first_run:
+        client = openai.OpenAI(base_url=f"{first_run.url}/v1", api_key=KEY, max_retries=0)
+        model = first_run.rt.model.name
+        first = client.responses.create(model=model, input="Name a fruit.",
+                                        max_output_tokens=3, temperature=0)
+        # Stateless traffic leaves nothing in the store.
+        client.chat.completions.create(model=model, max_tokens=2,
+                                       messages=[{"role": "user", "content": "x"}])
+    with serving(store, backend="asyncio") as second_run:
+        client = openai.OpenAI(base_url=f"{second_run.url}/v1", api_key=KEY, max_retries=0)
+        second = client.responses.create(model=model, input="Another.", max_output_tokens=3,
+                                         previous_response_id=first.id, temperature=0)
+        assert second.output_text is not None
+        assert second_run.rt.agent_ids() == (first.id.rpartition("_")[0],)
+        with httpx.Client(base_url=second_run.url, headers={"x-api-key": KEY}) as http:
+            chain = http.get(f"/v1/agents/{second_run.rt.agent_ids()[0]}").json()
+        assert [m["content"] for m in chain["transcript"] if m["role"] == "user"] == [
+            "Name a fruit.", "Another."]

@@ -87,7 +87,7 @@ def document(model: str) -> dict[str, Any]:
         "seed": {"type": "integer", "minimum": 0}, "stop": _STOP,
         "stream": {"type": "boolean"}}}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "troupe", "version": __version__, "description":
                  "OpenAI- and Anthropic-compatible endpoints, and troupe's agents API. "
                  "Authenticate with 'Authorization: Bearer KEY' or 'x-api-key: KEY'."},

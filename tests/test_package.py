@@ -52,7 +52,7 @@ def test_each_public_name_is_exported_by_exactly_one_module() -> None:
         name for module in [troupe, *public] for name in getattr(module, "__all__", []))
     assert [name for name, count in exports.items() if count > 1] == []
     assert {m.__name__: sorted(m.__all__) for m in public if getattr(m, "__all__", [])} == {
-        "troupe.kernel": ["Actor", "Request"], "troupe.server": ["make_app"]}
+        "troupe.kernel": ["Actor", "Request"]}
     for name in troupe.__all__:
         obj = getattr(troupe, name)
         if isinstance(obj, type) or inspect.isfunction(obj):

@@ -4,6 +4,8 @@ official openai and anthropic clients (and httpx for troupe's agents API)."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import openai
 import pytest
 
 import troupe
+from conftest import PYTHON
 from serving import KEY, Server, serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -62,6 +65,7 @@ def test_models_lists_the_served_model(oai: openai.OpenAI, model: str) -> None:
 
 def test_chat_completion_and_its_stream_agree(oai: openai.OpenAI, model: str,
                                               server: Server) -> None:
+    agents = server.statistics().agents
     reply = _ask(oai, model, "Tell me a story.", max_tokens=8, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "length"
@@ -79,7 +83,7 @@ def test_chat_completion_and_its_stream_agree(oai: openai.OpenAI, model: str,
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 8
     # Stateless requests leave no agent behind.
-    assert server.statistics().agents == 0
+    assert server.statistics().agents == agents
 
 
 def test_seeded_sampling_repeats(oai: openai.OpenAI, model: str) -> None:
@@ -100,6 +104,7 @@ def test_stop_sequence_cuts_the_reply(oai: openai.OpenAI, model: str) -> None:
 
 def test_a_resent_conversation_prefills_only_what_is_new(
         oai: openai.OpenAI, model: str, server: Server) -> None:
+    agents = server.statistics().agents
     system = "You are a careful narrator of a long story about a village. " * 6
     messages: list[dict[str, str]] = [{"role": "system", "content": system},
                                       {"role": "user", "content": "Begin."}]
@@ -117,7 +122,7 @@ def test_a_resent_conversation_prefills_only_what_is_new(
     # Every full 16-token block of the first turn's prompt and reply is reused.
     assert cached >= (first.usage.prompt_tokens // 16) * 16 > 0
     assert usage.prompt_tokens - cached < 16 + 16
-    assert server.statistics().agents == 0
+    assert server.statistics().agents == agents
 
 
 def test_speaking_as_a_named_agent(oai: openai.OpenAI, model: str, http: httpx.Client) -> None:
@@ -363,3 +368,78 @@ def test_a_response_chain_survives_a_restart(tmp_path: Path) -> None:
             chain = http.get(f"/v1/agents/{second_run.rt.agent_ids()[0]}").json()
         assert [m["content"] for m in chain["transcript"] if m["role"] == "user"] == [
             "Name a fruit.", "Another."]
+
+
+# -- the published schema, fuzzed ---------------------------------------------------------
+
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def test_fuzzing_the_published_schema_finds_no_5xx_and_no_open_door(
+        server: Server, http: httpx.Client) -> None:
+    import hypothesis
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+
+    raw = http.get("/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(raw)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 14
+    for operation in operations:
+        # Without a key, every operation but the health check is refused.
+        path = operation.path.replace("{agent_id}", "nobody")
+        anonymous = httpx.request(operation.method.upper(), server.url + path, json={})
+        if operation.path == "/health":
+            assert anonymous.status_code == 200
+        else:
+            assert anonymous.status_code == 401, operation.label
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(max_examples=6, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.generate])
+        def fuzz(case: schemathesis.Case) -> None:
+            if isinstance(case.body, dict):
+                for field in TOKEN_FIELDS:  # a bounded run: short turns
+                    if isinstance(case.body.get(field), int):
+                        case.body[field] = min(case.body[field], 4)
+                case.body.pop("stream", None)
+            response = case.call(base_url=server.url, headers=auth, timeout=60)
+            case.validate_response(response, checks=[not_a_server_error])
+
+        fuzz()
+
+
+def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    command = [PYTHON, "-m", "troupe._cli", "serve", "--model", "embedded:tiny", "--port", "0",
+               "--store", str(tmp_path / "store"), "--api-key", KEY]
+    with subprocess.Popen(command, env=troupe_env, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line.startswith("troupe: note:"):
+            line = proc.stderr.readline()
+        assert line.startswith("troupe: serving"), line
+        url = line.split(" on ")[1].strip()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        reply = client.responses.create(model=client.models.list().data[0].id, input="Hi.",
+                                        max_output_tokens=2)
+        assert reply.output_text is not None
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0
+    assert rest.splitlines() == ["troupe: stopping", "troupe: stopped"]
+    # The store was closed cleanly: the chain is in it.
+    check = subprocess.run([PYTHON, "-m", "troupe._cli", "store", "ls", str(tmp_path / "store")],
+                           env=troupe_env, capture_output=True, text=True, timeout=120)
+    assert reply.id.rpartition("_")[0] in check.stdout
+
+
+def test_refuses_a_public_address_without_a_key_before_loading(
+        troupe_env: dict[str, str]) -> None:
+    done = subprocess.run([PYTHON, "-m", "troupe._cli", "serve", "--host", "0.0.0.0"],
+                          env=troupe_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "without an API key" in done.stderr
+    assert "Traceback" not in done.stderr

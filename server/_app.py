@@ -304,8 +304,33 @@ async def serve(
             logger.info("serving %s on %s", rt.model.name, url)
             task_status.started(url)
     else:
-        import hypercorn.asyncio
-
         logger.info("serving %s on %s", rt.model.name, url)
         task_status.started(url)
-        await hypercorn.asyncio.serve(app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
+        await _serve_asyncio(app, config, stop)
+
+
+async def _serve_asyncio(app: ASGIApp, config: Any, stop: anyio.Event) -> None:
+    """Hypercorn's asyncio server does not survive being cancelled (it fails in its own
+    shutdown): it runs shielded, and a cancellation becomes a shutdown with no grace."""
+    import hypercorn.asyncio
+
+    finished = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await hypercorn.asyncio.serve(app, config,  # type: ignore[arg-type]
+                                              shutdown_trigger=stop.wait)
+        finally:
+            finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await finished.wait()
+        except anyio.get_cancelled_exc_class():
+            config.graceful_timeout = 0.0
+            stop.set()
+            with anyio.CancelScope(shield=True):
+                await finished.wait()
+            raise

@@ -289,6 +289,11 @@ async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
     assert second.returncode == 0, second.stderr
     assert "continuing: 2 messages on record" in second.stdout
     assert "narrator reused 0 cached tokens" not in second.stdout
+    served = await trio.to_thread.run_sync(lambda: _run(
+        [PYTHON, str(ROOT / "examples" / "http_server.py"), "embedded:tiny"], troupe_env))
+    assert served.returncode == 0, served.stderr
+    assert "anthropic: streamed" in served.stdout
+    assert " 0 read from cache" not in served.stdout
 
 
 # Which BLAS a fresh process binds MLX to, its name and file, whether MLX's matmul agrees

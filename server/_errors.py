@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from starlette.responses import JSONResponse
@@ -71,6 +72,6 @@ def dialect_of(path: str) -> Dialect:
 def error_response(error: ApiError, path: str) -> JSONResponse:
     headers = {}
     if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(error.retry_after + 0.5)))
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return JSONResponse(error_body(error, dialect_of(path)), status_code=error.status,
                         headers=headers)

@@ -4,6 +4,7 @@ official openai and anthropic clients (and httpx for troupe's agents API)."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -249,6 +250,38 @@ def test_rate_limit_answers_429_with_retry_after(model: str) -> None:
         # The limit is per key.
         other = openai.OpenAI(base_url=f"{running.url}/v1", api_key="other", max_retries=0)
         assert other.models.list().data
+
+
+def test_a_full_server_answers_503_with_retry_after(model: str) -> None:
+    options = troupe.ServeOptions(api_keys=(KEY,), max_pending=1,
+                                  cors_origins=("https://app.example",))
+    with serving(options=options) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Talk."}], max_tokens=1000,
+            stream=True)
+        next(iter(stream))  # one turn under way: the server is full
+        with pytest.raises(openai.InternalServerError) as busy:
+            _ask(client, model, "Me too.", max_tokens=2)
+        assert busy.value.status_code == 503
+        assert busy.value.response.headers["Retry-After"] == "1"
+        stream.close()
+        # CORS: a browser on the allowed origin may call.
+        preflight = httpx.options(f"{running.url}/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_one_json_log_line_per_request(http: httpx.Client,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="troupe.server")
+    assert http.get("/v1/models").status_code == 200
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "troupe.server" and r.getMessage().startswith("{")]
+    assert [(line["route"], line["status"]) for line in lines] == [("/v1/models", 200)]
+    assert lines[0]["key"] is not None
+    assert KEY not in caplog.text  # a fingerprint, never the key
 
 
 # -- Anthropic ------------------------------------------------------------------------------

@@ -150,10 +150,34 @@ class Front:
         status = 500
         key = self._key(scope)
 
+        logged = False
+
+        def log() -> None:
+            # Once per request, before its last byte goes out: a client that has its
+            # answer finds the request logged and counted.
+            nonlocal logged
+            if logged:
+                return
+            logged = True
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics = self.state.metrics
+            metrics.requests.labels(route, str(status)).inc()
+            metrics.duration.labels(route).observe(elapsed)
+            logger.info("%s", json.dumps({
+                "ts": round(time.time(), 3), "method": scope["method"], "path": path,
+                "route": route, "status": status, "ms": round(elapsed * 1000, 1),
+                # A key's fingerprint, never the key: enough to tell clients apart.
+                "key": hashlib.sha256(key.encode()).hexdigest()[:8] if key else None,
+                "client": (scope.get("client") or ("?",))[0],
+            }, separators=(",", ":")))
+
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                log()
             await send(message)
 
         try:
@@ -173,18 +197,7 @@ class Front:
                     return
             await self.app(scope, receive, sending)
         finally:
-            elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics = self.state.metrics
-            metrics.requests.labels(route, str(status)).inc()
-            metrics.duration.labels(route).observe(elapsed)
-            logger.info("%s", json.dumps({
-                "ts": round(time.time(), 3), "method": scope["method"], "path": path,
-                "route": route, "status": status, "ms": round(elapsed * 1000, 1),
-                # A key's fingerprint, never the key: enough to tell clients apart.
-                "key": hashlib.sha256(key.encode()).hexdigest()[:8] if key else None,
-                "client": (scope.get("client") or ("?",))[0],
-            }, separators=(",", ":")))
+            log()
 
 
 async def _health(request: Request) -> Response:

@@ -134,9 +134,11 @@ def _parser() -> argparse.ArgumentParser:
         "with >=1K-token contexts through a small memory budget with a store; "
         "peer: multi-agent workloads on troupe vs mlx_lm.server (a subprocess on the same "
         "model and BLAS); overhead: troupe's costs over a bare BatchGenerator, actor round "
-        "trips, event-loop lag.")
+        "trips, event-loop lag; http: the village's clients over HTTP on troupe serve vs "
+        "mlx_lm.server, and the same turns through the Python API.")
     bench.add_argument("which", nargs="?", default="batching",
-                       choices=["batching", "ttft", "bytes", "scale", "peer", "overhead"])
+                       choices=["batching", "ttft", "bytes", "scale", "peer", "overhead",
+                                "http"])
     bench.add_argument("--model", default=None,
                        help="default: 'embedded' ('embedded:tiny' for scale)")
     bench.add_argument("--agents", type=_int_in(1, MAX_SCALE_AGENTS), default=None,
@@ -152,12 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_int_in(1, 256), default=8,
                        help="scale: max_batch_size (default 8)")
     bench.add_argument("--quick", action="store_true",
-                       help="peer, overhead: a small size that runs in about a minute")
+                       help="peer, overhead, http: a small size that runs in about a minute")
     bench.add_argument("--only", default=None, metavar="NAMES",
                        help="peer: comma-separated workloads "
                        "(village,crowd,restart,orchestrator; default all)")
     bench.add_argument("--json", type=_writable_file, default=None, metavar="FILE",
-                       help="peer, overhead: also write the results to FILE as JSON")
+                       help="peer, overhead, http: also write the results to FILE as JSON")
     bench.add_argument("--chart", type=_writable_file, default=None, metavar="FILE",
                        help="peer: also draw the ratios as a PNG bar chart "
                        "(needs matplotlib: pip install 'troupe[chart]')")
@@ -351,6 +353,10 @@ async def _bench(args: argparse.Namespace) -> None:
 
         await bench_peer(model=model, quick=args.quick, only=args.only,
                          json_path=args.json, chart_path=args.chart)
+    elif args.which == "http":
+        from troupe.bench.http import bench_http
+
+        await bench_http(model=model, quick=args.quick, json_path=args.json)
     elif args.which == "overhead":
         from troupe.bench.overhead import bench_overhead
 

@@ -58,7 +58,7 @@ class TroupeServeSystem(ServerSystem):
 
     def command(self, port: int) -> list[str]:
         # The clients name the model "default_model", as mlx_lm.server wants.
-        return [_troupe_command(), "serve", "--model", str(self._model_dir), "--host",
+        return [_troupe_command(), "serve", "--model", str(self.model_dir), "--host",
                 "127.0.0.1", "--port", str(port), "--model-name", "default_model",
                 "--max-batch-size", str(BATCH), "--max-pending", "4096"]
 

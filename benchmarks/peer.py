@@ -384,7 +384,7 @@ class ServerSystem:
 
     def __init__(self, model_dir: Path, log: Path, cache_entries: int,
                  cache_bytes: int | None) -> None:
-        self._model_dir = model_dir
+        self.model_dir = model_dir
         self._log = log
         self._entries = cache_entries
         self._bytes = cache_bytes
@@ -399,7 +399,7 @@ class ServerSystem:
 
     def command(self, port: int) -> list[str]:
         """The server's command line, listening on ``port``."""
-        args = [sys.executable, "-c", _SERVER_MAIN, "--model", str(self._model_dir),
+        args = [sys.executable, "-c", _SERVER_MAIN, "--model", str(self.model_dir),
                 "--host", "127.0.0.1", "--port", str(port),
                 "--prefill-step-size", str(PREFILL_STEP_SIZE),
                 "--decode-concurrency", str(BATCH), "--prompt-concurrency", "8",

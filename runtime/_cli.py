@@ -200,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="an origin browsers may call from (repeatable)")
     serve.add_argument("--grace", type=_temperature, default=10.0, metavar="SECONDS",
                        help="how long requests in flight may finish at shutdown (default 10)")
+    serve.add_argument("--kept-conversations", type=_int_in(0, 1 << 20), default=256,
+                       metavar="N", help="stateless conversations kept in memory for "
+                       "clients that resend them (default 256)")
     serve.add_argument("--model-name", default=None,
                        help="the model id clients name (default: the model's name)")
     serve.add_argument("--backend", choices=["trio", "asyncio"], default="trio",
@@ -304,7 +307,7 @@ async def _serve(args: argparse.Namespace) -> None:
         max_body_bytes=parse_bytes(args.max_body, "--max-body"), rate_limit=args.rate_limit,
         rate_burst=args.rate_burst, max_pending=args.max_pending,
         cors_origins=tuple(args.cors_origin), grace_seconds=args.grace,
-        model_name=args.model_name)
+        model_name=args.model_name, kept_conversations=args.kept_conversations)
     # Refused before the model loads: a typo'd host must not cost a minute of loading.
     from .server._app import is_loopback
 

@@ -28,6 +28,8 @@ class ServeOptions:
     queued or running at once, past which requests get 503 with Retry-After.
     ``model_name``: the id /v1/models lists and requests must name (default: the model's
     name); ``grace_seconds``: how long requests in flight may finish at shutdown.
+    ``kept_conversations``: the short-lived agents of stateless requests kept after their
+    request, so that a client resending the conversation continues from their KV.
     """
 
     api_keys: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -39,6 +41,7 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     grace_seconds: float = DEFAULT_GRACE
     model_name: str | None = None
+    kept_conversations: int = 256
 
     def __attrs_post_init__(self) -> None:
         if any(not isinstance(k, str) or not k for k in self.api_keys):
@@ -52,6 +55,8 @@ class ServeOptions:
             raise ValueError(f"rate_burst must be >= 1, got {self.rate_burst}")
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {self.max_pending}")
+        if self.kept_conversations < 0:
+            raise ValueError(f"kept_conversations must be >= 0, got {self.kept_conversations}")
         if not (math.isfinite(self.grace_seconds) and self.grace_seconds >= 0):
             raise ValueError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
 

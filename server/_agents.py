@@ -148,7 +148,7 @@ async def turn(request: Request) -> Response:
             state.release()
         return JSONResponse(_reply(reply))
     try:
-        opened = await open_stream(state.rt, conversation, options)
+        opened = await open_stream(state.conversations, conversation, options)
     except BaseException:
         state.release()
         raise

@@ -98,7 +98,7 @@ async def messages(request: Request) -> Response:
     state.admit()
     if not get_bool(body, "stream"):
         try:
-            reply = await say(state.rt, conversation, options)
+            reply = await say(state.conversations, conversation, options)
         finally:
             state.release()
         stop_reason, stop_sequence = _stop_reason(state, reply, stops)
@@ -115,7 +115,7 @@ async def _stream(
     stops: list[str],
 ) -> Response:
     try:
-        opened = await open_stream(state.rt, conversation, options)
+        opened = await open_stream(state.conversations, conversation, options)
     except BaseException:
         state.release()
         raise

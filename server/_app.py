@@ -33,7 +33,7 @@ from .. import Runtime, TroupeError
 from .._serve import ServeOptions
 from ._errors import ApiError, error_response
 from ._metrics import Metrics
-from ._turns import api_error
+from ._turns import Conversations, api_error
 
 logger = logging.getLogger("troupe.server")
 
@@ -49,6 +49,7 @@ class ServerState:
     options: ServeOptions
     metrics: Metrics
     model_id: str
+    conversations: Conversations
     pending: int = 0
 
     def admit(self) -> None:
@@ -236,12 +237,13 @@ def _handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]
             TypeError: on_error, HTTPException: on_http, Exception: on_error}
 
 
-def make_app(rt: Runtime, options: ServeOptions | None = None) -> ASGIApp:
+def make_app(rt: Runtime, options: ServeOptions | None = None) -> Front:
     """The ASGI app serving ``rt`` (to run under another ASGI server; ``serve`` runs it)."""
     from . import _agents, _anthropic, _openai, _schema
 
     options = options or ServeOptions()
-    state = ServerState(rt, options, Metrics(rt), options.model_name or rt.model.name)
+    state = ServerState(rt, options, Metrics(rt), options.model_name or rt.model.name,
+                        Conversations(rt, options.kept_conversations))
     routes = [
         Route("/health", _health, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
@@ -308,18 +310,24 @@ async def serve(
     async def trigger() -> None:
         await stop.wait()
 
-    if sniffio.current_async_library() == "trio":
-        import hypercorn.trio
+    try:
+        if sniffio.current_async_library() == "trio":
+            import hypercorn.trio
 
-        async with anyio.create_task_group() as tg:
-            await tg.start(functools.partial(
-                hypercorn.trio.serve, app, config, shutdown_trigger=trigger))  # type: ignore[arg-type]
+            async with anyio.create_task_group() as tg:
+                await tg.start(functools.partial(
+                    hypercorn.trio.serve, app, config,  # type: ignore[arg-type]
+                    shutdown_trigger=trigger))
+                logger.info("serving %s on %s", rt.model.name, url)
+                task_status.started(url)
+        else:
             logger.info("serving %s on %s", rt.model.name, url)
             task_status.started(url)
-    else:
-        logger.info("serving %s on %s", rt.model.name, url)
-        task_status.started(url)
-        await _serve_asyncio(app, config, stop)
+            await _serve_asyncio(app, config, stop)
+    finally:
+        # The short-lived agents kept for stateless clients go with the server.
+        with anyio.CancelScope(shield=True):
+            await app.state.conversations.aclose()
 
 
 async def _serve_asyncio(app: ASGIApp, config: Any, stop: anyio.Event) -> None:

@@ -167,7 +167,7 @@ async def chat_completions(request: Request) -> Response:
     state.admit()
     if not stream:
         try:
-            reply = await say(state.rt, conversation, options)
+            reply = await say(state.conversations, conversation, options)
         finally:
             state.release()
         return JSONResponse({
@@ -187,7 +187,7 @@ async def _chat_stream(
 ) -> Response:
     started = time.perf_counter()
     try:
-        opened = await open_stream(state.rt, conversation, options)
+        opened = await open_stream(state.conversations, conversation, options)
     except BaseException:
         state.release()
         raise
@@ -280,17 +280,18 @@ async def responses(request: Request) -> Response:
                                "only the latest can be continued", code="invalid_value",
                                param="previous_response_id")
             conversation = split_turn("", messages, chain, param="input")
-            reply = await say(rt, conversation, options)
+            reply = await say(state.conversations, conversation, options)
         elif store:
             chain = f"resp_{secrets.token_hex(12)}"
             conversation = split_turn(system, messages, None, param="input")
             agent = await rt._spawn_with(chain, system, [
                 *conversation.history, *(Message("user", t) for t in conversation.told)])
             conversation = Conversation("", (), (), conversation.last, chain)
-            reply = await say(rt, conversation, options)
+            reply = await say(state.conversations, conversation, options)
         else:
             chain = f"resp_{secrets.token_hex(12)}"
-            reply = await say(rt, split_turn(system, messages, None, param="input"), options)
+            conversation = split_turn(system, messages, None, param="input")
+            reply = await say(state.conversations, conversation, options)
     finally:
         state.release()
     turns = (await rt.get(chain)).statistics().turns if store or previous else 1

@@ -9,7 +9,10 @@ job then.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -72,33 +75,84 @@ def sampling(
         raise ApiError(400, str(exc), code="invalid_value", param=param) from None
 
 
-@contextlib.asynccontextmanager
-async def speaker(rt: Runtime, conversation: Conversation) -> AsyncIterator[Agent]:
-    """The agent that answers: the named one (told the new messages first), or a
-    short-lived one holding the conversation, deleted when the block ends.
+def _key(system: str, messages: Sequence[Message]) -> bytes:
+    return hashlib.sha256(json.dumps(
+        [system, [(m.role, m.content) for m in messages]]).encode()).digest()
 
-    A short-lived agent's turns reuse whatever KV blocks any agent or request computed for
-    the same tokens, so a client that resends a growing conversation prefills only what
-    is new; since the store never hears of it, stateless traffic does not fill the store.
+
+class Conversations:
+    """Who answers requests: named agents, and the short-lived agents of stateless ones.
+
+    A short-lived agent outlives its request, idle, keyed by the conversation it holds (its
+    system prompt and transcript, the reply included): a client that resends the
+    conversation with a new message gets that agent back, so its turn starts from the
+    agent's own KV, partial last block included. Otherwise a new one is made, whose turn
+    still reuses every full block any agent computed for the same tokens. At most
+    ``capacity`` are kept, the least recently used deleted first; the store never hears of
+    them.
     """
-    if conversation.agent_id is not None:
-        agent = await rt.get(conversation.agent_id)
-        for text in conversation.told:
-            await agent.tell(text)
-        yield agent
-        return
-    history = list(conversation.history)
-    history += [Message("user", text) for text in conversation.told]
-    agent = await rt._spawn_with(None, conversation.system, history)
-    try:
-        yield agent
-    finally:
+
+    def __init__(self, rt: Runtime, capacity: int) -> None:
+        self.rt = rt
+        self.capacity = capacity
+        self._idle: collections.OrderedDict[bytes, Agent] = collections.OrderedDict()
+        self.resumed = 0
+
+    def _take(self, system: str, history: Sequence[Message]) -> Agent | None:
+        agent = self._idle.pop(_key(system, history), None)
+        if agent is not None:
+            self.resumed += 1
+        return agent
+
+    async def _keep(self, agent: Agent, system: str) -> None:
+        self._idle[_key(system, agent.transcript())] = agent
+        while len(self._idle) > self.capacity:
+            _, old = self._idle.popitem(last=False)
+            await self._delete(old)
+
+    async def _delete(self, agent: Agent) -> None:
         with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
-            await rt._delete(agent.id)
+            await self.rt._delete(agent.id)
+
+    async def aclose(self) -> None:
+        while self._idle:
+            await self._delete(self._idle.popitem()[1])
+
+    @contextlib.asynccontextmanager
+    async def speaker(self, conversation: Conversation) -> AsyncIterator[Agent]:
+        """The agent that answers: the named one (told the new messages first), or a
+        short-lived one holding the conversation, kept if its turn completes."""
+        rt = self.rt
+        if conversation.agent_id is not None:
+            named = await rt.get(conversation.agent_id)
+            for text in conversation.told:
+                await named.tell(text)
+            yield named
+            return
+        system = conversation.system
+        agent = self._take(system, conversation.history)
+        if agent is None:
+            history = list(conversation.history)
+            history += [Message("user", text) for text in conversation.told]
+            agent = await rt._spawn_with(None, system, history)
+        else:
+            for text in conversation.told:
+                await agent.tell(text)
+        turns = agent.statistics().turns
+        kept = False
+        try:
+            yield agent
+            kept = agent.statistics().turns == turns + 1
+        finally:
+            with anyio.CancelScope(shield=True):
+                if kept and not rt.closed:
+                    await self._keep(agent, system)
+                else:
+                    await self._delete(agent)
 
 
-async def say(rt: Runtime, conversation: Conversation, options: Sampling) -> Reply:
-    async with speaker(rt, conversation) as agent:
+async def say(speakers: Conversations, conversation: Conversation, options: Sampling) -> Reply:
+    async with speakers.speaker(conversation) as agent:
         return await agent.say(conversation.last, max_tokens=options.max_tokens,
                                temperature=options.temperature, top_p=options.top_p,
                                seed=options.seed, stop=options.stop)
@@ -125,10 +179,12 @@ class OpenStream:
             await self._stack.aclose()
 
 
-async def open_stream(rt: Runtime, conversation: Conversation, options: Sampling) -> OpenStream:
+async def open_stream(
+    speakers: Conversations, conversation: Conversation, options: Sampling
+) -> OpenStream:
     stack = contextlib.AsyncExitStack()
     try:
-        agent = await stack.enter_async_context(speaker(rt, conversation))
+        agent = await stack.enter_async_context(speakers.speaker(conversation))
         stream = await stack.enter_async_context(agent.stream(
             conversation.last, max_tokens=options.max_tokens, temperature=options.temperature,
             top_p=options.top_p, seed=options.seed, stop=options.stop))

@@ -120,9 +120,19 @@ def test_a_resent_conversation_prefills_only_what_is_new(
     assert usage is not None
     assert usage.prompt_tokens_details is not None
     cached = usage.prompt_tokens_details.cached_tokens or 0
-    # Every full 16-token block of the first turn's prompt and reply is reused.
-    assert cached >= (first.usage.prompt_tokens // 16) * 16 > 0
-    assert usage.prompt_tokens - cached < 16 + 16
+    # The agent that answered the first request answers the second: all of the first
+    # turn's prompt and reply is read from its KV; only the new message is prefilled.
+    assert cached >= first.usage.prompt_tokens
+    assert usage.prompt_tokens - cached < 32
+    # A conversation the client changed (here, the first reply) is a new agent's, which
+    # still reads every full 16-token block the two share.
+    messages[2]["content"] = "Something else entirely."
+    third = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                        max_tokens=8, temperature=0)
+    assert third.usage is not None
+    assert third.usage.prompt_tokens_details is not None
+    shared = (first.usage.prompt_tokens // 16) * 16
+    assert shared <= (third.usage.prompt_tokens_details.cached_tokens or 0) < cached
     assert server.statistics().agents == agents
 
 

@@ -148,7 +148,8 @@ async def turn(request: Request) -> Response:
             state.release()
         return JSONResponse(_reply(reply))
     try:
-        opened = await open_stream(state.conversations, conversation, options)
+        opened = await open_stream(state.conversations, conversation, options,
+                                   on_close=state.release)
     except BaseException:
         state.release()
         raise
@@ -165,9 +166,8 @@ async def turn(request: Request) -> Response:
             yield data(error_body(error, "openai"))
         finally:
             await opened.aclose()
-            state.release()
 
-    return EventStream(events())
+    return EventStream(events(), opened.aclose)
 
 
 async def statistics(request: Request) -> Response:

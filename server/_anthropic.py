@@ -115,7 +115,8 @@ async def _stream(
     stops: list[str],
 ) -> Response:
     try:
-        opened = await open_stream(state.conversations, conversation, options)
+        opened = await open_stream(state.conversations, conversation, options,
+                                   on_close=state.release)
     except BaseException:
         state.release()
         raise
@@ -147,9 +148,8 @@ async def _stream(
             yield event("error", error_body(error, "anthropic"))
         finally:
             await opened.aclose()
-            state.release()
 
-    return EventStream(events())
+    return EventStream(events(), opened.aclose)
 
 
 async def count_tokens(request: Request) -> Response:

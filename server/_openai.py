@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import anyio
+import attrs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import Message, Reply, Sampling
+from .. import Message, Reply, Runtime, Sampling, TroupeError
 from ._app import ServerState, state_of
 from ._errors import ApiError, error_body, unsupported
 from ._http import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json
-from ._sse import DONE, EventStream, data
+from ._sse import DONE, EventStream, data, event
 from ._turns import (
     Conversation,
+    OpenStream,
     api_error,
     open_stream,
     sampling,
@@ -187,7 +191,8 @@ async def _chat_stream(
 ) -> Response:
     started = time.perf_counter()
     try:
-        opened = await open_stream(state.conversations, conversation, options)
+        opened = await open_stream(state.conversations, conversation, options,
+                                   on_close=state.release)
     except BaseException:
         state.release()
         raise
@@ -225,9 +230,8 @@ async def _chat_stream(
             yield data(error_body(error, "openai"))
         finally:
             await opened.aclose()
-            state.release()
 
-    return EventStream(events())
+    return EventStream(events(), opened.aclose)
 
 
 # -- /v1/responses: a response chain is an agent
@@ -251,13 +255,87 @@ def _input(body: dict[str, Any]) -> tuple[str, list[Message]]:
                    param="input", code="invalid_value")
 
 
+@attrs.frozen
+class _Chain:
+    """What one /v1/responses request continues or starts."""
+
+    chain: str
+    conversation: Conversation
+    fresh: bool  # a chain made for this request: deleted if its first turn fails
+    stored: bool
+
+    async def turns(self, rt: Runtime) -> int:
+        return (await rt.get(self.chain)).statistics().turns if self.stored else 1
+
+    async def failed(self, rt: Runtime) -> None:
+        if self.fresh:
+            # A chain whose first response failed is no chain.
+            with anyio.CancelScope(shield=True), contextlib.suppress(TroupeError):
+                await rt.delete(self.chain)
+
+
+async def _chain(
+    rt: Runtime, previous: str | None, store: bool, system: str, messages: list[Message]
+) -> _Chain:
+    if previous is not None:
+        chain, turns = _chain_of(previous)
+        if chain not in rt.agent_ids():
+            raise ApiError(404, f"no response {previous!r}", param="previous_response_id",
+                           code="response_not_found")
+        if (await rt.get(chain)).statistics().turns != turns:
+            raise ApiError(400, f"{previous!r} is not the latest response of its chain: "
+                           "only the latest can be continued", code="invalid_value",
+                           param="previous_response_id")
+        return _Chain(chain, split_turn("", messages, chain, param="input"), False, True)
+    chain = f"resp_{secrets.token_hex(12)}"
+    conversation = split_turn(system, messages, None, param="input")
+    if not store:
+        return _Chain(chain, conversation, False, False)
+    await rt._spawn_with(chain, system, [
+        *conversation.history, *(Message("user", t) for t in conversation.told)])
+    return _Chain(chain, Conversation("", (), (), conversation.last, chain), True, True)
+
+
+def _response(
+    state: ServerState, rid: str, body: dict[str, Any], options: Sampling,
+    reply: Reply | None, item: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The response object; ``reply`` None: one still in progress."""
+    incomplete = reply is not None and reply.finish_reason == "length"
+    usage = None
+    if reply is not None:
+        prompt, cached, completion = usage_numbers(reply)
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                 "output_tokens": completion,
+                 "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt + completion}
+    return {
+        "id": rid, "object": "response", "created_at": int(time.time()),
+        "status": ("in_progress" if reply is None
+                   else "incomplete" if incomplete else "completed"),
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None, "model": state.model_id,
+        "instructions": body.get("instructions") or None,
+        "previous_response_id": body.get("previous_response_id"),
+        "store": get_bool(body, "store", True),
+        "temperature": options.temperature, "top_p": options.top_p,
+        "max_output_tokens": options.max_tokens, "parallel_tool_calls": False,
+        "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
+        "metadata": {}, "output": [item] if item is not None else [], "usage": usage,
+    }
+
+
+def _message_item(ident: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if status else []
+    return {"type": "message", "id": ident, "role": "assistant",
+            "status": status or "in_progress", "content": content}
+
+
 async def responses(request: Request) -> Response:
     state = state_of(request)
     body = await read_json(request, state.options.max_body_bytes)
     state.check_model(body.get("model"))
     _refuse_unsupported(body)
-    if get_bool(body, "stream"):
-        raise unsupported("stream on /v1/responses", "stream")
     if body.get("background"):
         raise unsupported("background", "background")
     options = _sampling(state, body, "max_output_tokens")
@@ -266,52 +344,77 @@ async def responses(request: Request) -> Response:
     system = "\n\n".join(s for s in (instructions, system) if s)
     previous = get_str(body, "previous_response_id")
     store = get_bool(body, "store", True)
+    stream = get_bool(body, "stream")
     rt = state.rt
     state.admit()
     try:
-        if previous is not None:
-            chain, turns = _chain_of(previous)
-            if chain not in rt.agent_ids():
-                raise ApiError(404, f"no response {previous!r}", param="previous_response_id",
-                               code="response_not_found")
-            agent = await rt.get(chain)
-            if agent.statistics().turns != turns:
-                raise ApiError(400, f"{previous!r} is not the latest response of its chain: "
-                               "only the latest can be continued", code="invalid_value",
-                               param="previous_response_id")
-            conversation = split_turn("", messages, chain, param="input")
-            reply = await say(state.conversations, conversation, options)
-        elif store:
-            chain = f"resp_{secrets.token_hex(12)}"
-            conversation = split_turn(system, messages, None, param="input")
-            agent = await rt._spawn_with(chain, system, [
-                *conversation.history, *(Message("user", t) for t in conversation.told)])
-            conversation = Conversation("", (), (), conversation.last, chain)
-            reply = await say(state.conversations, conversation, options)
-        else:
-            chain = f"resp_{secrets.token_hex(12)}"
-            conversation = split_turn(system, messages, None, param="input")
-            reply = await say(state.conversations, conversation, options)
-    finally:
+        chain = await _chain(rt, previous, store, system, messages)
+    except BaseException:
         state.release()
-    turns = (await rt.get(chain)).statistics().turns if store or previous else 1
-    prompt, cached, completion = usage_numbers(reply)
-    incomplete = reply.finish_reason == "length"
-    return JSONResponse({
-        "id": f"{chain}_{turns}", "object": "response", "created_at": int(time.time()),
-        "status": "incomplete" if incomplete else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "error": None, "model": state.model_id, "instructions": instructions or None,
-        "previous_response_id": previous, "store": store,
-        "temperature": options.temperature, "top_p": options.top_p,
-        "max_output_tokens": options.max_tokens, "parallel_tool_calls": False,
-        "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
-        "metadata": {}, "output": [{
-            "type": "message", "id": f"msg_{secrets.token_hex(12)}", "role": "assistant",
-            "status": "incomplete" if incomplete else "completed",
-            "content": [{"type": "output_text", "text": reply.text, "annotations": []}]}],
-        "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                  "output_tokens": completion,
-                  "output_tokens_details": {"reasoning_tokens": 0},
-                  "total_tokens": prompt + completion},
-    })
+        raise
+    msg_id = f"msg_{secrets.token_hex(12)}"
+    if not stream:
+        try:
+            reply = await say(state.conversations, chain.conversation, options)
+        except BaseException:
+            await chain.failed(rt)
+            raise
+        finally:
+            state.release()
+        rid = f"{chain.chain}_{await chain.turns(rt)}"
+        status = "incomplete" if reply.finish_reason == "length" else "completed"
+        return JSONResponse(_response(state, rid, body, options, reply,
+                                      _message_item(msg_id, reply.text, status)))
+    try:
+        opened = await open_stream(state.conversations, chain.conversation, options,
+                                   on_close=state.release)
+    except BaseException:
+        state.release()
+        await chain.failed(rt)
+        raise
+    return EventStream(_response_events(state, chain, opened, body, options, msg_id),
+                       opened.aclose)
+
+
+async def _response_events(
+    state: ServerState, chain: _Chain, opened: OpenStream, body: dict[str, Any],
+    options: Sampling, msg_id: str,
+) -> AsyncGenerator[bytes, None]:
+    """OpenAI's event sequence for a streamed response."""
+    seq = 0
+
+    def emit(kind: str, **fields: Any) -> bytes:
+        nonlocal seq
+        seq += 1
+        return event(kind, {"type": kind, "sequence_number": seq, **fields})
+
+    # The id is known once the turn is in: the chain's turns then.
+    rid = f"{chain.chain}_{await chain.turns(state.rt) + 1 if chain.stored else 1}"
+    try:
+        started = _response(state, rid, body, options, None, None)
+        yield emit("response.created", response=started)
+        yield emit("response.in_progress", response=started)
+        yield emit("response.output_item.added", output_index=0,
+                   item=_message_item(msg_id, "", ""))
+        part = {"type": "output_text", "text": "", "annotations": []}
+        yield emit("response.content_part.added", item_id=msg_id, output_index=0,
+                   content_index=0, part=part)
+        async for delta in opened.rest():
+            yield emit("response.output_text.delta", item_id=msg_id, output_index=0,
+                       content_index=0, delta=delta, logprobs=[])
+        reply = opened.stream.reply
+        assert reply is not None
+        yield emit("response.output_text.done", item_id=msg_id, output_index=0,
+                   content_index=0, text=reply.text, logprobs=[])
+        yield emit("response.content_part.done", item_id=msg_id, output_index=0,
+                   content_index=0, part={**part, "text": reply.text})
+        status = "incomplete" if reply.finish_reason == "length" else "completed"
+        item = _message_item(msg_id, reply.text, status)
+        yield emit("response.output_item.done", output_index=0, item=item)
+        final = _response(state, rid, body, options, reply, item)
+        yield emit(f"response.{status}", response=final)
+    except Exception as exc:
+        error = api_error(exc) or ApiError(500, "the turn failed", code="server_error")
+        yield emit("error", code=error.code, message=error.message, param=error.param)
+    finally:
+        await opened.aclose()

@@ -64,7 +64,7 @@ def document(model: str) -> dict[str, Any]:
         "max_output_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "store": {"type": "boolean"}}}
+        "store": {"type": "boolean"}, "stream": {"type": "boolean"}}}
     anthropic_messages = {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["role", "content"], "properties": {
             "role": {"type": "string", "enum": ["user", "assistant"]}, "content": _CONTENT}}}

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -72,6 +72,10 @@ def sampling(
     try:
         return Sampling(max_tokens, temperature, top_p, seed, stop)
     except (TypeError, ValueError) as exc:
+        # Sampling's messages start with the field's name.
+        field = str(exc).split(" ", 1)[0]
+        if field in ("max_tokens", "temperature", "top_p", "seed"):
+            param = field
         raise ApiError(400, str(exc), code="invalid_value", param=param) from None
 
 
@@ -161,11 +165,14 @@ async def say(speakers: Conversations, conversation: Conversation, options: Samp
 @attrs.define
 class OpenStream:
     """A turn whose first delta has come (so that its errors were HTTP statuses): the
-    rest follows from ``stream``; ``aclose`` cancels it if unfinished and cleans up."""
+    rest follows from ``stream``; ``aclose`` (once, however often called) cancels it if
+    unfinished and cleans up."""
 
     first: str | None
     stream: ReplyStream
     _stack: contextlib.AsyncExitStack
+    _on_close: Callable[[], None]
+    _closed: bool = False
 
     async def rest(self) -> AsyncIterator[str]:
         if self.first is None:
@@ -175,13 +182,22 @@ class OpenStream:
             yield delta
 
     async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._stack.aclose()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._stack.aclose()
+        finally:
+            self._on_close()
 
 
 async def open_stream(
-    speakers: Conversations, conversation: Conversation, options: Sampling
+    speakers: Conversations, conversation: Conversation, options: Sampling,
+    on_close: Callable[[], None],
 ) -> OpenStream:
+    """The turn, started, and its first delta; ``on_close`` runs when it is closed (not
+    if this raises)."""
     stack = contextlib.AsyncExitStack()
     try:
         agent = await stack.enter_async_context(speakers.speaker(conversation))
@@ -196,7 +212,7 @@ async def open_stream(
         with anyio.CancelScope(shield=True):
             await stack.aclose()
         raise
-    return OpenStream(first, stream, stack)
+    return OpenStream(first, stream, stack, on_close)
 
 
 def usage_numbers(reply: Reply) -> tuple[int, int, int]:

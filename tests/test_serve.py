@@ -179,6 +179,23 @@ def test_responses_continue_by_id(oai: openai.OpenAI, model: str, http: httpx.Cl
     assert second.id != first.id
     assert second.usage is not None
     assert second.usage.input_tokens_details.cached_tokens > 0
+    # Streamed, OpenAI's event sequence; the chain goes on from the streamed response.
+    events = list(oai.responses.create(model=model, input="And a third.", stream=True,
+                                       max_output_tokens=4, previous_response_id=second.id,
+                                       temperature=0))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-1] == "response.incomplete"  # cut by max_output_tokens
+    third = events[-1].response  # type: ignore[union-attr]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert third.output_text == "".join(deltas)
+    assert third.id == second.id.rpartition("_")[0] + "_3"
+    assert third.usage is not None
+    assert third.usage.output_tokens == 4
+    fourth = oai.responses.create(model=model, input="Last.", previous_response_id=third.id,
+                                  max_output_tokens=2)
+    assert fourth.id.endswith("_4")
     with pytest.raises(openai.BadRequestError):  # only the latest of a chain goes on
         oai.responses.create(model=model, input="Again.", previous_response_id=first.id,
                              max_output_tokens=2)

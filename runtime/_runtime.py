@@ -319,6 +319,12 @@ class Runtime:
             raise
         return self._handle(actor)
 
+    def _kv_over_budget(self) -> bool:
+        """Whether the KV in memory exceeds the budget: eviction has taken what it could,
+        and the rest is pinned by turns under way (the HTTP server's admission)."""
+        pool = self._storage.pool
+        return pool.hot_bytes > pool.budget
+
     async def _count_tokens(self, system: str, transcript: list[Message]) -> int:
         """Tokens of the prompt a turn on this conversation would prefill (or reuse)."""
         self._check_open()

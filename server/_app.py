@@ -53,10 +53,15 @@ class ServerState:
     pending: int = 0
 
     def admit(self) -> None:
-        """Count one more turn, or refuse it with 503 when ``max_pending`` are under way:
-        a bounded queue, whose clients retry, rather than an unbounded one."""
+        """Count one more turn, or refuse it with 503 when ``max_pending`` are under way, or
+        when turns under way hold more KV than the runtime's budget: a bounded queue, whose
+        clients retry, rather than an unbounded one."""
         if self.pending >= self.options.max_pending:
             raise ApiError(503, f"the server is busy ({self.pending} turns under way); retry",
+                           code="overloaded", retry_after=1.0)
+        if self.pending and self.rt._kv_over_budget():
+            # The batch holds more KV than the budget: more turns would only queue.
+            raise ApiError(503, "the server's KV budget is full with turns under way; retry",
                            code="overloaded", retry_after=1.0)
         self.pending += 1
 

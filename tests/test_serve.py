@@ -298,6 +298,17 @@ def test_a_full_server_answers_503_with_retry_after(model: str) -> None:
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
             "Access-Control-Request-Headers": "authorization"})
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    # Admission by KV: a turn under way whose KV is over the budget fills the server.
+    with serving(kv_budget="4KB") as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Talk. " * 30}],
+            max_tokens=1000, stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.InternalServerError) as full:
+            _ask(client, model, "Me too.", max_tokens=2)
+        assert "KV budget" in full.value.message
+        stream.close()
 
 
 def test_one_json_log_line_per_request(http: httpx.Client,

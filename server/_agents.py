@@ -4,6 +4,7 @@ delete), and the runtime's statistics. Documented in the OpenAPI schema (_schema
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -147,12 +148,14 @@ async def turn(request: Request) -> Response:
         finally:
             state.release()
         return JSONResponse(_reply(reply))
+    started = time.perf_counter()
     try:
         opened = await open_stream(state.conversations, conversation, options,
                                    on_close=state.release)
     except BaseException:
         state.release()
         raise
+    state.metrics.ttft.observe(time.perf_counter() - started)
 
     async def events() -> AsyncGenerator[bytes, None]:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -114,12 +115,14 @@ async def _stream(
     state: ServerState, conversation: Conversation, options: Sampling, ident: str,
     stops: list[str],
 ) -> Response:
+    started = time.perf_counter()
     try:
         opened = await open_stream(state.conversations, conversation, options,
                                    on_close=state.release)
     except BaseException:
         state.release()
         raise
+    state.metrics.ttft.observe(time.perf_counter() - started)
 
     async def events() -> AsyncGenerator[bytes, None]:
         try:

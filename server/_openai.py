@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import Message, Reply, Runtime, Sampling, TroupeError
+from .. import Agent, Message, Reply, Runtime, Sampling, TroupeError
 from ._app import ServerState, state_of
 from ._errors import ApiError, error_body, unsupported
 from ._http import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json
@@ -43,6 +43,8 @@ def routes() -> list[Route]:
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
     ]
 
 
@@ -365,6 +367,7 @@ async def responses(request: Request) -> Response:
         status = "incomplete" if reply.finish_reason == "length" else "completed"
         return JSONResponse(_response(state, rid, body, options, reply,
                                       _message_item(msg_id, reply.text, status)))
+    started = time.perf_counter()
     try:
         opened = await open_stream(state.conversations, chain.conversation, options,
                                    on_close=state.release)
@@ -372,6 +375,7 @@ async def responses(request: Request) -> Response:
         state.release()
         await chain.failed(rt)
         raise
+    state.metrics.ttft.observe(time.perf_counter() - started)
     return EventStream(_response_events(state, chain, opened, body, options, msg_id),
                        opened.aclose)
 
@@ -418,3 +422,38 @@ async def _response_events(
         yield emit("error", code=error.code, message=error.message, param=error.param)
     finally:
         await opened.aclose()
+
+
+async def _stored_chain(state: ServerState, response_id: str) -> tuple[str, int, Agent]:
+    chain, turns = _chain_of(response_id)
+    if chain not in state.rt.agent_ids():
+        raise ApiError(404, f"no response {response_id!r}", code="response_not_found")
+    agent = await state.rt.get(chain)
+    if not 1 <= turns <= agent.statistics().turns:
+        raise ApiError(404, f"no response {response_id!r}", code="response_not_found")
+    return chain, turns, agent
+
+
+async def get_response(request: Request) -> Response:
+    """A stored response, read back from its chain's transcript (its text; the usage of
+    a past turn is not kept)."""
+    state = state_of(request)
+    response_id = request.path_params["response_id"]
+    _, turns, agent = await _stored_chain(state, response_id)
+    replies = [m.content for m in agent.transcript() if m.role == "assistant"]
+    body = {"instructions": agent.system or None,
+            "previous_response_id": response_id.rpartition("_")[0] + f"_{turns - 1}"
+            if turns > 1 else None}
+    item = _message_item(f"msg_{response_id}", replies[turns - 1], "completed")
+    response = _response(state, response_id, body, Sampling(), None, item)
+    response["status"] = "completed"
+    return JSONResponse(response)
+
+
+async def delete_response(request: Request) -> Response:
+    """Deletes the whole chain the response belongs to (the agent it is)."""
+    state = state_of(request)
+    response_id = request.path_params["response_id"]
+    chain, _, _ = await _stored_chain(state, response_id)
+    await state.rt.delete(chain)
+    return JSONResponse({"id": response_id, "object": "response", "deleted": True})

@@ -37,6 +37,7 @@ def _op(summary: str, body: dict[str, Any] | None = None, ok: str = "200",
     return op
 
 
+_RESPONSE_ID = [{"name": "response_id", "in": "path", "required": True, "schema": _STR}]
 _AGENT_ID = [{"name": "agent_id", "in": "path", "required": True, "schema": _STR}]
 
 
@@ -102,6 +103,9 @@ def document(model: str) -> dict[str, Any]:
             "/v1/chat/completions": {"post": _op("OpenAI chat completion", chat)},
             "/v1/responses": {"post": _op("OpenAI response; previous_response_id continues "
                                           "a chain (an agent)", responses)},
+            "/v1/responses/{response_id}": {
+                "get": _op("a stored response", params=_RESPONSE_ID),
+                "delete": _op("delete a response's chain", params=_RESPONSE_ID)},
             "/v1/messages": {"post": _op("Anthropic message", messages)},
             "/v1/messages/count_tokens": {"post": _op("Anthropic token count", count)},
             "/v1/agents": {

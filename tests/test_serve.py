@@ -196,12 +196,18 @@ def test_responses_continue_by_id(oai: openai.OpenAI, model: str, http: httpx.Cl
     fourth = oai.responses.create(model=model, input="Last.", previous_response_id=third.id,
                                   max_output_tokens=2)
     assert fourth.id.endswith("_4")
+    again = oai.responses.retrieve(third.id)
+    assert again.output_text == third.output_text
+    assert again.previous_response_id == second.id
     with pytest.raises(openai.BadRequestError):  # only the latest of a chain goes on
         oai.responses.create(model=model, input="Again.", previous_response_id=first.id,
                              max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):
         oai.responses.create(model=model, input="x", previous_response_id="resp_nope_1",
                              max_output_tokens=2)
+    oai.responses.delete(first.id)  # the whole chain: it is one agent
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(fourth.id)
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -15,10 +15,17 @@ from starlette.routing import Route
 
 from .. import Agent, Reply
 from ._app import state_of
-from ._errors import ApiError, error_body, unsupported
+from ._errors import ApiError, error_body
 from ._http import get_bool, get_float, get_int, get_str, read_json
 from ._sse import DONE, EventStream, data
-from ._turns import Conversation, api_error, open_stream, sampling, usage_numbers
+from ._turns import (
+    Conversation,
+    api_error,
+    open_stream,
+    sampling,
+    structured_agents,
+    usage_numbers,
+)
 
 MAX_PAGE = 1000
 MAX_SEED = 2**63 - 1
@@ -121,9 +128,7 @@ async def fork(request: Request) -> Response:
 async def turn(request: Request) -> Response:
     state = state_of(request)
     body = await read_json(request, state.options.max_body_bytes)
-    for feature in ("schema", "tools", "tool_choice"):
-        if body.get(feature) is not None:
-            raise unsupported(feature, feature)
+    structured_agents(body)
     message = get_str(body, "message")
     if message is None:
         raise ApiError(400, "message: a string is required", param="message")

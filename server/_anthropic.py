@@ -17,7 +17,16 @@ from ._errors import ApiError, error_body, unsupported
 from ._http import get_bool, get_dict, get_float, get_int, get_list, read_json
 from ._openai import AGENT_HEADER
 from ._sse import EventStream, event
-from ._turns import Conversation, api_error, open_stream, sampling, say, split_turn, text_of
+from ._turns import (
+    Conversation,
+    api_error,
+    open_stream,
+    sampling,
+    say,
+    split_turn,
+    structured_anthropic,
+    text_of,
+)
 
 
 def routes() -> list[Route]:
@@ -35,10 +44,7 @@ def _system(body: dict[str, Any]) -> str:
 
 
 def _conversation(body: dict[str, Any]) -> tuple[str, list[Message]]:
-    if body.get("tools"):
-        raise unsupported("tools", "tools")
-    if body.get("tool_choice") is not None:
-        raise unsupported("tool_choice", "tool_choice")
+    structured_anthropic(body)
     items = get_list(body, "messages")
     if not items:
         raise ApiError(400, "messages: must be a non-empty array", param="messages")

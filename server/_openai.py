@@ -27,6 +27,7 @@ from ._turns import (
     sampling,
     say,
     split_turn,
+    structured_openai,
     text_of,
     usage_numbers,
 )
@@ -77,20 +78,7 @@ def named_agent(request: Request, body: dict[str, Any]) -> str | None:
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     """What needs typed replies and tools (not in this server yet) is refused, not dropped."""
-    if body.get("tools"):
-        raise unsupported("tools", "tools")
-    if body.get("functions"):
-        raise unsupported("functions", "functions")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "tool_choice")
-    response_format = get_dict(body, "response_format")
-    if response_format is not None and response_format.get("type") not in (None, "text"):
-        raise unsupported(f"response_format {response_format.get('type')!r}", "response_format")
-    text = get_dict(body, "text")
-    if text is not None:
-        fmt = text.get("format")
-        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-            raise unsupported(f"text.format {fmt.get('type')!r}", "text")
+    structured_openai(body)
     if get_bool(body, "logprobs"):
         raise unsupported("logprobs", "logprobs")
     if get_int(body, "n", 1, 128, 1) != 1:

@@ -33,7 +33,7 @@ from .. import (
     Sampling,
     TroupeError,
 )
-from ._errors import ApiError
+from ._errors import ApiError, unsupported
 
 
 @attrs.frozen
@@ -239,6 +239,54 @@ def api_error(exc: BaseException) -> ApiError | None:
     if isinstance(exc, ValueError | TypeError):
         return ApiError(400, str(exc), code="invalid_value")
     return None
+
+
+# -- typed replies and tools: where issue 19's Python API gets wired in ----------------------
+#
+# Each API's tools, tool_choice and structured-output fields are read here, and nowhere
+# else. Until troupe's agents take ``schema=``, ``tools=`` and ``tool_choice=`` (and
+# ``Message(role="tool")``), a request that uses them is refused with a 400 in the API's
+# shape. Wiring them means: return the translated arguments from these functions, pass
+# them to ``Agent.say``/``stream`` in ``say``/``open_stream``, accept tool messages and
+# tool_use/tool_result blocks in ``text_of``'s callers, and render ``reply.tool_calls``.
+
+def structured_openai(body: dict[str, Any]) -> None:
+    """OpenAI's ``tools``, ``functions``, ``tool_choice``, ``response_format`` and the
+    Responses API's ``text.format``."""
+    if body.get("tools"):
+        raise unsupported("tools", "tools")
+    if body.get("functions"):
+        raise unsupported("functions", "functions")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise unsupported("tool_choice", "tool_choice")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise ApiError(400, "response_format must be an object", param="response_format",
+                           code="invalid_value")
+        if response_format.get("type") not in (None, "text"):
+            raise unsupported(f"response_format {response_format.get('type')!r}",
+                              "response_format")
+    text = body.get("text")
+    if isinstance(text, dict):
+        fmt = text.get("format")
+        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+            raise unsupported(f"text.format {fmt.get('type')!r}", "text")
+
+
+def structured_anthropic(body: dict[str, Any]) -> None:
+    """Anthropic's ``tools`` and ``tool_choice`` (tool_use/tool_result blocks: ``text_of``)."""
+    if body.get("tools"):
+        raise unsupported("tools", "tools")
+    if body.get("tool_choice") is not None:
+        raise unsupported("tool_choice", "tool_choice")
+
+
+def structured_agents(body: dict[str, Any]) -> None:
+    """The agents API's ``schema``, ``tools`` and ``tool_choice`` on a turn."""
+    for feature in ("schema", "tools", "tool_choice"):
+        if body.get(feature) is not None:
+            raise unsupported(feature, feature)
 
 
 def text_of(content: Any, param: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import anyio
 import httpx
 import openai
 import pytest
@@ -486,6 +487,23 @@ def test_fuzzing_the_published_schema_finds_no_5xx_and_no_open_door(
             case.validate_response(response, checks=[not_a_server_error])
 
         fuzz()
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_an_embedded_server_is_cancelled_cleanly(backend: str) -> None:
+    async def main() -> tuple[int, bool]:
+        async with troupe.open_runtime("embedded:tiny") as rt:
+            async with anyio.create_task_group() as tg:
+                url = await tg.start(lambda task_status: troupe.serve(
+                    rt, port=0, task_status=task_status))
+                async with httpx.AsyncClient(base_url=url) as client:
+                    status = (await client.get("/v1/models")).status_code
+                tg.cancel_scope.cancel()
+            # The runtime goes on serving Python callers.
+            agent = await rt.spawn("after")
+            return status, bool((await agent.say("Hi.", max_tokens=2)).tokens)
+
+    assert anyio.run(main, backend=backend) == (200, True)
 
 
 def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str],

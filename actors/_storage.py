@@ -62,8 +62,8 @@ class AddAgent(Request[None]):
 
 @attrs.frozen
 class DeleteAgent(Request[None]):
-    """An agent goes for good: its lease (its blocks stay as a cache, unpinned), its
-    catalog rows and its tail file."""
+    """An agent goes for good: its lease, its catalog rows, its tail file, and the files
+    of its blocks that no other stored chain holds (in memory, blocks stay as cache)."""
 
     agent_id: str
 
@@ -506,8 +506,20 @@ class Storage(Actor):
             return
         if self._catalog is not None:
             assert self._sqlite is not None
-            name = await self._sqlite.run(self._catalog.delete_agent, agent_id)
-            if name is not None:
+            tail, freed = await self._sqlite.run(self._catalog.delete_agent, agent_id)
+            names = [tail] if tail is not None else []
+            for block_id, name in freed:
+                # No stored chain names it: its file goes; in memory it stays as cache.
+                names.append(name)
+                self._disk_ids.discard(block_id)
+                self.blocks_on_disk -= 1
+                block = self.pool.blocks.get(block_id)
+                if block is not None:
+                    if block.data is not None:
+                        block.file = None
+                    else:
+                        self.pool.drop(block)
+            for name in names:
                 await anyio.to_thread.run_sync(self.kv.remove, name)
 
     async def _fork(self, message: ForkAgent) -> int:

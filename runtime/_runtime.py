@@ -335,9 +335,10 @@ class Runtime:
 
     async def delete(self, agent_id: str) -> None:
         """Delete an agent for good: its turns in flight and queued are cancelled (their
-        callers get AgentNotFoundError), its transcript, store rows and tail file go, and
-        its KV blocks are released (kept while another agent holds them, else evictable
-        like any cache).
+        callers get AgentNotFoundError); its transcript, store rows and tail file go, and
+        so do the files of its KV blocks that no other stored agent holds; in memory its
+        blocks are released (kept while another agent holds them, else evictable like any
+        cache).
 
         AgentNotFoundError if there is no such agent; RuntimeClosedError after close.
         Handles to it answer AgentNotFoundError from then on.

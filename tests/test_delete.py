@@ -10,6 +10,7 @@ import trio.testing
 
 import troupe
 from conftest import TINY
+from troupe.storage._inspect import check_store
 
 
 async def test_a_deleted_agent_is_gone_from_the_runtime_and_the_store(store: Path) -> None:
@@ -17,8 +18,14 @@ async def test_a_deleted_agent_is_gone_from_the_runtime_and_the_store(store: Pat
         keep = await rt.spawn("keep", system="You keep.")
         gone = await rt.spawn("gone", system="You keep.")
         await keep.say("Hello there.", max_tokens=4)
-        await gone.say("Hello there.", max_tokens=4)
+        await gone.say("Something else entirely, and at some length too.", max_tokens=4)
+        files = sorted((store / "kv").iterdir())
         await rt.delete("gone")
+        # Its tail and the blocks only it held leave the disk; the shared ones stay.
+        left = sorted((store / "kv").iterdir())
+        assert set(left) < set(files)
+        assert rt.statistics().blocks_on_disk == len([f for f in left if "~" not in f.name
+                                                       and f.suffix == ".kvb"])
         assert rt.agent_ids() == ("keep",)
         assert rt.statistics().agents == 1
         with pytest.raises(troupe.AgentNotFoundError):
@@ -36,9 +43,12 @@ async def test_a_deleted_agent_is_gone_from_the_runtime_and_the_store(store: Pat
         again = await rt.spawn("gone")
         assert again.transcript() == ()
         await rt.delete("gone")
+    assert [f.text for f in check_store(store) if f.problem] == []
     async with troupe.open_runtime(TINY, store, block_size=16) as rt:
         assert rt.agent_ids() == ("keep",)
-        assert len((await rt.get("keep")).transcript()) == 4
+        keep = await rt.get("keep")
+        assert len(keep.transcript()) == 4
+        assert (await keep.say("Once more.", max_tokens=2)).cached_tokens > 0
     tails = sorted(p.name for p in (store / "kv").iterdir() if "gone" in p.name)
     assert tails == []
 

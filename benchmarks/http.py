@@ -32,6 +32,7 @@ from .peer import (
     QUICK,
     Phase,
     ServerSystem,
+    Sizes,
     TroupeSystem,
     _compare,
     _Recorder,
@@ -83,7 +84,7 @@ class HttpResult:
         return self.troupe_serve.seconds / self.python.seconds
 
 
-async def _run(system: Any, out: TextIO, sizes: Any) -> Phase:
+async def _run(system: Any, out: TextIO, sizes: Sizes) -> Phase:
     recorder = _Recorder(system, out)
     await village(recorder, sizes, None)
     [phase] = recorder.phases
@@ -91,9 +92,10 @@ async def _run(system: Any, out: TextIO, sizes: Any) -> Phase:
 
 
 async def bench_http(*, model: str, quick: bool, json_path: str | None,
-                     out: TextIO = sys.stdout) -> HttpResult:
-    """Run the village on the three systems and print the comparison."""
-    sizes = QUICK if quick else FULL
+                     out: TextIO = sys.stdout, sizes: Sizes | None = None) -> HttpResult:
+    """Run the village on the three systems and print the comparison (``sizes``: the
+    village's, instead of --quick's or the full run's)."""
+    sizes = sizes or (QUICK if quick else FULL)
     print(f"troupe bench http{' --quick' if quick else ''}: model {model!r}, BLAS {BLAS.name}, "
           f"{sizes.village_agents} clients, a shared ~{sizes.world_tokens}-token world prompt, "
           f"{sizes.village_rounds} rounds of {sizes.reply_tokens} tokens, greedy, "

@@ -207,6 +207,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the model id clients name (default: the model's name)")
     serve.add_argument("--backend", choices=["trio", "asyncio"], default="trio",
                        help="the event loop (default trio)")
+    serve.add_argument("--quiet", action="store_true",
+                       help="no JSON log line per request on stdout")
 
     store = commands.add_parser(
         "store", help="look after a store offline: check, ls, repair",
@@ -293,6 +295,26 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_logging(*, quiet: bool) -> None:
+    """One JSON line per request on stdout (the server's access log); warnings, troupe's
+    and the server's, on stderr."""
+    import logging
+
+    access = logging.getLogger("troupe.server")
+    access.propagate = False
+    access.setLevel(logging.WARNING if quiet else logging.INFO)
+    lines = logging.StreamHandler(sys.stdout)
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    lines.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    problems.setFormatter(logging.Formatter("troupe: %(levelname)s: %(message)s"))
+    access.addHandler(lines)
+    access.addHandler(problems)
+    # Hypercorn's own lines ("Running on ...") are said once on stderr by the command.
+    logging.getLogger("troupe.server.hypercorn").setLevel(logging.WARNING)
+
+
 async def _serve(args: argparse.Namespace) -> None:
     import os
     import signal
@@ -314,6 +336,7 @@ async def _serve(args: argparse.Namespace) -> None:
     if not keys and not args.insecure_no_auth and not is_loopback(args.host):
         raise ValueError(f"refusing to serve {args.host} without an API key: give one "
                          "(--api-key), or --insecure-no-auth to serve it open")
+    _serve_logging(quiet=args.quiet)
     stop = anyio.Event()
     async with open_runtime(args.model, args.store, kv_budget=args.kv_budget,
                             max_batch_size=args.max_batch_size) as rt, \

@@ -323,10 +323,10 @@ async def serve(
                 await tg.start(functools.partial(
                     hypercorn.trio.serve, app, config,  # type: ignore[arg-type]
                     shutdown_trigger=trigger))
-                logger.info("serving %s on %s", rt.model.name, url)
+                logger.debug("serving %s on %s", rt.model.name, url)
                 task_status.started(url)
         else:
-            logger.info("serving %s on %s", rt.model.name, url)
+            logger.debug("serving %s on %s", rt.model.name, url)
             task_status.started(url)
             await _serve_asyncio(app, config, stop)
     finally:

@@ -510,7 +510,8 @@ def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str
                                                        tmp_path: Path) -> None:
     command = [PYTHON, "-m", "troupe._cli", "serve", "--model", "embedded:tiny", "--port", "0",
                "--store", str(tmp_path / "store"), "--api-key", KEY]
-    with subprocess.Popen(command, env=troupe_env, stderr=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(command, env=troupe_env, stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         while line.startswith("troupe: note:"):
@@ -523,8 +524,13 @@ def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str
         assert reply.output_text is not None
         proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
+        assert proc.stdout is not None
+        log = [json.loads(line) for line in proc.stdout.read().splitlines()]
         assert proc.wait(timeout=60) == 0
     assert rest.splitlines() == ["troupe: stopping", "troupe: stopped"]
+    # The access log: one JSON line per request, on stdout.
+    assert [(line["route"], line["status"]) for line in log] == [
+        ("/v1/models", 200), ("/v1/responses", 200)]
     # The store was closed cleanly: the chain is in it.
     check = subprocess.run([PYTHON, "-m", "troupe._cli", "store", "ls", str(tmp_path / "store")],
                            env=troupe_env, capture_output=True, text=True, timeout=120)

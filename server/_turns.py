@@ -109,7 +109,12 @@ class Conversations:
         return agent
 
     async def _keep(self, agent: Agent, system: str) -> None:
-        self._idle[_key(system, agent.transcript())] = agent
+        key = _key(system, agent.transcript())
+        twin = self._idle.pop(key, None)
+        if twin is not None:
+            # Two requests made the same conversation: one agent is enough.
+            await self._delete(twin)
+        self._idle[key] = agent
         while len(self._idle) > self.capacity:
             _, old = self._idle.popitem(last=False)
             await self._delete(old)

@@ -134,6 +134,12 @@ def test_a_resent_conversation_prefills_only_what_is_new(
     assert third.usage.prompt_tokens_details is not None
     shared = (first.usage.prompt_tokens // 16) * 16
     assert shared <= (third.usage.prompt_tokens_details.cached_tokens or 0) < cached
+    # The same request twice makes the same conversation: one agent is kept for it.
+    active = server.statistics().agents_active
+    for _ in range(2):
+        oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                    max_tokens=8, temperature=0)
+    assert server.statistics().agents_active == active
     assert server.statistics().agents == agents
 
 

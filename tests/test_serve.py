@@ -528,7 +528,16 @@ def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str
         reply = client.responses.create(model=client.models.list().data[0].id, input="Hi.",
                                         max_output_tokens=2)
         assert reply.output_text is not None
+        # A stream in flight at SIGTERM finishes within the grace period.
+        stream = client.chat.completions.create(
+            model=reply.model, messages=[{"role": "user", "content": "Talk."}],
+            max_tokens=64, stream=True, stream_options={"include_usage": True})
+        chunks = iter(stream)
+        next(chunks)
         proc.send_signal(signal.SIGTERM)
+        tail = list(chunks)
+        assert tail[-1].usage is not None
+        assert tail[-1].usage.completion_tokens == 64
         rest = proc.stderr.read()
         assert proc.stdout is not None
         log = [json.loads(line) for line in proc.stdout.read().splitlines()]
@@ -536,7 +545,7 @@ def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str
     assert rest.splitlines() == ["troupe: stopping", "troupe: stopped"]
     # The access log: one JSON line per request, on stdout.
     assert [(line["route"], line["status"]) for line in log] == [
-        ("/v1/models", 200), ("/v1/responses", 200)]
+        ("/v1/models", 200), ("/v1/responses", 200), ("/v1/chat/completions", 200)]
     # The store was closed cleanly: the chain is in it.
     check = subprocess.run([PYTHON, "-m", "troupe._cli", "store", "ls", str(tmp_path / "store")],
                            env=troupe_env, capture_output=True, text=True, timeout=120)

@@ -249,6 +249,7 @@ def make_app(rt: Runtime, options: ServeOptions | None = None) -> Front:
     options = options or ServeOptions()
     state = ServerState(rt, options, Metrics(rt), options.model_name or rt.model.name,
                         Conversations(rt, options.kept_conversations))
+    state.metrics.watch(state.conversations)
     routes = [
         Route("/health", _health, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import Runtime
+from ._turns import Conversations
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -17,6 +18,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class _RuntimeCollector(Collector):
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
+        self.conversations: Conversations | None = None
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._rt.statistics()
@@ -45,6 +47,13 @@ class _RuntimeCollector(Collector):
         }
         for name, (value, doc) in counters.items():
             yield CounterMetricFamily(f"troupe_{name}", doc, value=value)
+        if self.conversations is not None:
+            yield GaugeMetricFamily("troupe_http_kept_conversations",
+                                    "stateless conversations kept for their clients",
+                                    value=self.conversations.kept)
+            yield CounterMetricFamily("troupe_http_conversations_resumed",
+                                      "stateless requests answered by a kept conversation",
+                                      value=self.conversations.resumed)
 
 
 class Metrics:
@@ -62,7 +71,11 @@ class Metrics:
                                      buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.duration = Histogram("troupe_http_request_seconds", "request durations",
                                   ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_RuntimeCollector(rt))
+        self._collector = _RuntimeCollector(rt)
+        self.registry.register(self._collector)
+
+    def watch(self, conversations: Conversations) -> None:
+        self._collector.conversations = conversations
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -102,6 +102,10 @@ class Conversations:
         self._idle: collections.OrderedDict[bytes, Agent] = collections.OrderedDict()
         self.resumed = 0
 
+    @property
+    def kept(self) -> int:
+        return len(self._idle)
+
     def _take(self, system: str, history: Sequence[Message]) -> Agent | None:
         agent = self._idle.pop(_key(system, history), None)
         if agent is not None:

@@ -257,6 +257,13 @@ def test_bad_bodies_and_keys(server: Server, model: str) -> None:
                            content=b"x" * (server_limit() + 1))
         assert huge.status_code == 413
         assert huge.json()["error"]["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it comes
+            for _ in range(server_limit() // 65536 + 2):
+                yield b" " * 65536
+
+        chunked = client.post("/v1/chat/completions", headers=auth, content=chunks())
+        assert chunked.status_code == 413
         assert client.get("/v1/nothing", headers=auth).status_code == 404
         assert client.get("/v1/chat/completions", headers=auth).status_code == 405
         for status in (huge, anonymous):
@@ -290,6 +297,16 @@ def test_rate_limit_answers_429_with_retry_after(model: str) -> None:
         # The limit is per key.
         other = openai.OpenAI(base_url=f"{running.url}/v1", api_key="other", max_retries=0)
         assert other.models.list().data
+        # A wrong key is refused before it is counted: it cannot spend another's budget.
+        wrong = openai.OpenAI(base_url=f"{running.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+    # Without keys, the limit is per client address.
+    with serving(options=troupe.ServeOptions(rate_limit=0.001, rate_burst=1)) as running:
+        open_client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        open_client.models.list()
+        with pytest.raises(openai.RateLimitError):
+            open_client.models.list()
 
 
 def test_a_full_server_answers_503_with_retry_after(model: str) -> None:
@@ -424,7 +441,8 @@ def test_health_metrics_and_schema(http: httpx.Client) -> None:
     metrics = http.get("/metrics").text
     for name in ("troupe_http_requests_total", "troupe_turns_completed_total",
                  "troupe_kv_hot_bytes", "troupe_turns_in_flight", "troupe_evictions_total",
-                 "troupe_http_time_to_first_token_seconds_bucket"):
+                 "troupe_http_time_to_first_token_seconds_bucket",
+                 "troupe_http_conversations_resumed_total", "troupe_http_kept_conversations"):
         assert name in metrics
     schema = http.get("/openapi.json").json()
     assert "/v1/agents/{agent_id}/turns" in schema["paths"]

@@ -153,6 +153,14 @@ def test_speaking_as_a_named_agent(oai: openai.OpenAI, model: str, http: httpx.C
     agent = http.get("/v1/agents/narrator").json()
     assert [m["role"] for m in agent["transcript"]] == ["user", "assistant"]
     assert agent["transcript"][1]["content"] == reply.choices[0].message.content
+    # A stateless request that starts as the agent's conversation reads the agent's blocks.
+    stateless = oai.chat.completions.create(model=model, max_tokens=2, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello."},
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "More."}])
+    assert stateless.usage is not None
+    assert stateless.usage.prompt_tokens_details is not None
+    assert (stateless.usage.prompt_tokens_details.cached_tokens or 0) >= 16
     assert http.delete("/v1/agents/narrator").status_code == 200
 
 

@@ -119,7 +119,8 @@ class Runtime:
         )
         self._reaper = anyio.CancelScope()
         self._closed = False
-        # Agents of one stateless request (``_spawn_ephemeral``): never stored nor listed.
+        # Short-lived agents of stateless HTTP requests (``_spawn_with(None, ...)``): never
+        # stored, listed or retired for being idle.
         self._ephemeral: set[str] = set()
         storage.pool.busy = self._busy
 
@@ -412,6 +413,8 @@ class Runtime:
 
     def agent_ids(self) -> tuple[str, ...]:
         """Ids of every agent, active or only in the store, in the order they were spawned."""
+        if not self._ephemeral:
+            return tuple(self._ids)
         return tuple(i for i in self._ids if i not in self._ephemeral)
 
     def statistics(self) -> RuntimeStatistics:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import Agent, Message, Reply, Runtime, Sampling, TroupeError
+from .. import Agent, AgentNotFoundError, Message, Reply, Runtime, Sampling, TroupeError
 from ._app import ServerState, state_of
 from ._errors import ApiError, error_body, unsupported
 from ._http import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json
@@ -269,10 +269,12 @@ async def _chain(
 ) -> _Chain:
     if previous is not None:
         chain, turns = _chain_of(previous)
-        if chain not in rt.agent_ids():
+        try:
+            agent = await rt.get(chain)
+        except AgentNotFoundError:
             raise ApiError(404, f"no response {previous!r}", param="previous_response_id",
-                           code="response_not_found")
-        if (await rt.get(chain)).statistics().turns != turns:
+                           code="response_not_found") from None
+        if agent.statistics().turns != turns:
             raise ApiError(400, f"{previous!r} is not the latest response of its chain: "
                            "only the latest can be continued", code="invalid_value",
                            param="previous_response_id")
@@ -414,9 +416,11 @@ async def _response_events(
 
 async def _stored_chain(state: ServerState, response_id: str) -> tuple[str, int, Agent]:
     chain, turns = _chain_of(response_id)
-    if chain not in state.rt.agent_ids():
-        raise ApiError(404, f"no response {response_id!r}", code="response_not_found")
-    agent = await state.rt.get(chain)
+    try:
+        agent = await state.rt.get(chain)
+    except AgentNotFoundError:
+        raise ApiError(404, f"no response {response_id!r}",
+                       code="response_not_found") from None
     if not 1 <= turns <= agent.statistics().turns:
         raise ApiError(404, f"no response {response_id!r}", code="response_not_found")
     return chain, turns, agent

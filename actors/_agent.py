@@ -24,6 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._actor import Actor, Pending, Request
 from .._errors import (
+    AgentNotFoundError,
     ContextLengthError,
     EngineError,
     IncompleteReplyError,
@@ -139,11 +140,18 @@ class AgentActor(Actor):
         """Set when the runtime retired this actor for being idle; handles activate anew."""
         self.successor: AgentActor | None = None
         """The actor that took over this agent after this one was retired."""
+        self.deleted = False
+        """Set by ``Runtime.delete``: what it refused or cancelled answers AgentNotFoundError."""
         self.last_active = anyio.current_time()
         self.renderer = services.renderer
         self.tokens_generated = 0
         self.tokens_prefilled = 0
         self.tokens_reused = 0
+
+    def _refusal(self) -> TroupeError:
+        if self.deleted:
+            return AgentNotFoundError(f"agent {self.agent_id!r} was deleted")
+        return super()._refusal()
 
     async def handle(self, message: Request[Any]) -> Any:
         try:

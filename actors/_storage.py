@@ -50,8 +50,21 @@ logger = logging.getLogger("troupe")
 
 @attrs.frozen
 class AddAgent(Request[None]):
+    """A new agent; ``ephemeral``: one that the catalog never hears of and whose KV is
+    never written (a stateless HTTP request's, deleted when it ends)."""
+
     agent_id: str
     system: str
+    messages: tuple[tuple[str, str], ...] = ()
+    ephemeral: bool = False
+
+
+@attrs.frozen
+class DeleteAgent(Request[None]):
+    """An agent goes for good: its lease, its catalog rows, its tail file, and the files
+    of its blocks that no other stored chain holds (in memory, blocks stay as cache)."""
+
+    agent_id: str
 
 
 @attrs.frozen
@@ -263,6 +276,8 @@ class Storage(Actor):
         # Block files written at a publish whose catalog rows are still to come: the first
         # commit that names the block records it (a crash leaves orphans, removed at open).
         self._staged: dict[bytes, KVFile] = {}
+        # Agents the catalog never hears of (AddAgent.ephemeral): their KV stays in memory.
+        self._ephemeral: set[str] = set()
 
     @property
     def block_size(self) -> int:
@@ -350,13 +365,41 @@ class Storage(Actor):
                 return None
             case InstallAhead():
                 return await self._install_ahead(message)
+            case DeleteAgent():
+                return await self._delete(message)
         raise TypeError(f"storage cannot handle {message!r}")
 
     async def _add(self, message: AddAgent) -> None:
+        if message.ephemeral:
+            self._ephemeral.add(message.agent_id)
+        elif self._catalog is not None:
+            assert self._sqlite is not None
+            await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system,
+                                   list(message.messages))
+        self.kv.add(message.agent_id)
+
+    async def _delete(self, message: DeleteAgent) -> None:
+        agent_id = message.agent_id
+        self.kv.release(agent_id)
+        self.kv.evict()
+        if agent_id in self._ephemeral:
+            self._ephemeral.discard(agent_id)
+            return
         if self._catalog is not None:
             assert self._sqlite is not None
-            await self._sqlite.run(self._catalog.add_agent, message.agent_id, message.system)
-        self.kv.add(message.agent_id)
+            tail, freed = await self._sqlite.run(self._catalog.delete_agent, agent_id)
+            names = [tail] if tail is not None else []
+            for block_id, name in freed:
+                # No stored chain names it: its file goes; in memory it stays as cache.
+                names.append(name)
+                self.blocks_on_disk -= 1
+                block = self.kv.pool.blocks.get(block_id)
+                if block is not None:
+                    self.kv.forget_block(block)
+                else:
+                    self.kv.stored_ids.discard(block_id)
+            for name in names:
+                await anyio.to_thread.run_sync(self.files.remove, name)
 
     async def _fork(self, message: ForkAgent) -> int:
         chain, tail, source_tail = self.kv.forked_tail(message.source_id)
@@ -498,7 +541,7 @@ class Storage(Actor):
 
     async def _write_published(self, message: WritePublished) -> None:
         unwritten = self.kv.unwritten(message.agent_id)
-        if self._catalog is not None:
+        if self._catalog is not None and message.agent_id not in self._ephemeral:
             # Written now, while the turn decodes; recorded by the first commit naming them.
             for block, view in unwritten:
                 if block.file is not None or block.block_id in self._staged:
@@ -515,7 +558,7 @@ class Storage(Actor):
     async def _commit(self, message: Commit) -> int:
         end = self.kv.end_turn(message.agent_id)
         try:
-            if self._catalog is not None:
+            if self._catalog is not None and message.agent_id not in self._ephemeral:
                 await self._persist(message, end)
                 if end.chain is not None and end.old_tail is not None:
                     await anyio.to_thread.run_sync(self.files.remove, end.old_tail.name)

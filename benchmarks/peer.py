@@ -384,7 +384,7 @@ class ServerSystem:
 
     def __init__(self, model_dir: Path, log: Path, cache_entries: int,
                  cache_bytes: int | None) -> None:
-        self._model_dir = model_dir
+        self.model_dir = model_dir
         self._log = log
         self._entries = cache_entries
         self._bytes = cache_bytes
@@ -394,16 +394,25 @@ class ServerSystem:
         self._http = anyio.CapacityLimiter(CONCURRENCY + 4)
         self.blas = "unknown"
 
-    async def open(self) -> None:
-        self._port = _free_port()
-        args = [sys.executable, "-c", _SERVER_MAIN, "--model", str(self._model_dir),
-                "--host", "127.0.0.1", "--port", str(self._port),
+    checks_blas = True
+    """Whether the server says which BLAS it loaded (mlx_lm.server, through _SERVER_MAIN)."""
+
+    def command(self, port: int) -> list[str]:
+        """The server's command line, listening on ``port``."""
+        args = [sys.executable, "-c", _SERVER_MAIN, "--model", str(self.model_dir),
+                "--host", "127.0.0.1", "--port", str(port),
                 "--prefill-step-size", str(PREFILL_STEP_SIZE),
                 "--decode-concurrency", str(BATCH), "--prompt-concurrency", "8",
                 "--prompt-cache-size", str(self._entries), "--log-level", "WARNING",
                 "--max-tokens", "4096"]
         if self._bytes is not None:
             args += ["--prompt-cache-bytes", str(self._bytes)]
+        return args
+
+    async def open(self) -> None:
+        self._port = _free_port()
+        args = self.command(self._port)
+
         def start() -> subprocess.Popen[bytes]:
             with self._log.open("ab") as log:
                 return subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -421,7 +430,7 @@ class ServerSystem:
         # The server loads its model and builds its batch on the first request.
         await anyio.to_thread.run_sync(
             self._chat, [{"role": "user", "content": "warm up"}], 4, limiter=self._http)
-        self.blas = self._blas_from_log()
+        self.blas = self._blas_from_log() if self.checks_blas else BLAS.name
         if self.blas != BLAS.name:
             raise RuntimeError(f"mlx_lm.server loaded {self.blas}, troupe {BLAS.name}: "
                                "the comparison would measure BLAS, not the systems")

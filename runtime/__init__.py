@@ -33,6 +33,7 @@ from ._records import (  # noqa: E402
     ToolCall,
 )
 from ._runtime import Runtime, open_runtime  # noqa: E402
+from ._serve import ServeOptions, serve  # noqa: E402
 from ._tools import Tool  # noqa: E402
 from .actors._agent import Agent, ReplyStream  # noqa: E402
 from .actors._mlx import ModelInfo  # noqa: E402
@@ -61,6 +62,7 @@ __all__ = [
     "RuntimeClosedError",
     "RuntimeStatistics",
     "Sampling",
+    "ServeOptions",
     "StoreError",
     "Tool",
     "ToolCall",
@@ -68,6 +70,7 @@ __all__ = [
     "__version__",
     "make_model",
     "open_runtime",
+    "serve",
 ]
 
 

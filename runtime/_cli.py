@@ -66,6 +66,13 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = _temperature(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _directory(text: str) -> str:
     # An empty path means the current directory to pathlib, which nobody asks for this way.
     if not text.strip():
@@ -128,10 +135,11 @@ def _parser() -> argparse.ArgumentParser:
         "peer: multi-agent workloads on troupe vs mlx_lm.server (a subprocess on the same "
         "model and BLAS); overhead: troupe's costs over a bare BatchGenerator, actor round "
         "trips, event-loop lag; structured: constrained decoding in the batch (schemas, "
-        "choices) against free turns.")
+        "choices) against free turns; http: the village's clients over HTTP on troupe serve "
+        "vs mlx_lm.server, and the same turns through the Python API.")
     bench.add_argument("which", nargs="?", default="batching",
                        choices=["batching", "ttft", "bytes", "scale", "peer", "overhead",
-                                "structured"])
+                                "structured", "http"])
     bench.add_argument("--model", default=None,
                        help="default: 'embedded' ('embedded:tiny' for scale)")
     bench.add_argument("--agents", type=_int_in(1, MAX_SCALE_AGENTS), default=None,
@@ -147,16 +155,63 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_int_in(1, 256), default=8,
                        help="scale: max_batch_size (default 8)")
     bench.add_argument("--quick", action="store_true",
-                       help="peer, overhead, structured: a small size that runs in about a "
-                       "minute")
+                       help="peer, overhead, structured, http: a small size that runs in "
+                       "about a minute")
     bench.add_argument("--only", default=None, metavar="NAMES",
                        help="peer: comma-separated workloads "
                        "(village,crowd,restart,orchestrator; default all)")
     bench.add_argument("--json", type=_writable_file, default=None, metavar="FILE",
-                       help="peer, overhead: also write the results to FILE as JSON")
+                       help="peer, overhead, http: also write the results to FILE as JSON")
     bench.add_argument("--chart", type=_writable_file, default=None, metavar="FILE",
                        help="peer: also draw the ratios as a PNG bar chart "
                        "(needs matplotlib: pip install 'troupe[chart]')")
+    serve = commands.add_parser(
+        "serve", help="serve the OpenAI, Anthropic and agents APIs over HTTP",
+        description="Serve a runtime over HTTP: /v1/chat/completions, /v1/responses, "
+        "/v1/models (OpenAI), /v1/messages (Anthropic), /v1/agents (troupe's agents), "
+        "/health, /metrics, /openapi.json. SIGINT or SIGTERM stops accepting, lets "
+        "requests in flight finish for --grace seconds, and closes the store; a second one "
+        "stops at once. See docs/serve.md.")
+    serve.add_argument("--model", default="embedded",
+                       help="'embedded', 'embedded:tiny' or a local MLX model directory")
+    serve.add_argument("--store", type=_directory, default=None,
+                       help="store directory: agents and response chains survive a restart "
+                       "(default: memory only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_int_in(0, 65535), default=8000,
+                       help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="an accepted API key (repeatable; also TROUPE_API_KEYS, "
+                       "comma-separated)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="serve a non-loopback address without API keys")
+    serve.add_argument("--kv-budget", type=_budget, default="1GiB",
+                       help="KV memory budget (default 1GiB)")
+    serve.add_argument("--max-batch-size", type=_int_in(1, 1024), default=32,
+                       help="rows in the batch (default 32)")
+    serve.add_argument("--max-pending", type=_int_in(1, 1 << 20), default=256,
+                       help="turns under way past which requests get 503 (default 256)")
+    serve.add_argument("--max-body", type=_budget, default="8MiB",
+                       help="largest request body (default 8MiB)")
+    serve.add_argument("--rate-limit", type=_positive, default=None, metavar="PER_SECOND",
+                       help="requests per second per key (default: no limit)")
+    serve.add_argument("--rate-burst", type=_int_in(1, 1 << 20), default=10,
+                       help="requests a key may send at once under --rate-limit (default 10)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="an origin browsers may call from (repeatable)")
+    serve.add_argument("--grace", type=_temperature, default=10.0, metavar="SECONDS",
+                       help="how long requests in flight may finish at shutdown (default 10)")
+    serve.add_argument("--kept-conversations", type=_int_in(0, 1 << 20), default=256,
+                       metavar="N", help="stateless conversations kept in memory for "
+                       "clients that resend them (default 256)")
+    serve.add_argument("--model-name", default=None,
+                       help="the model id clients name (default: the model's name)")
+    serve.add_argument("--backend", choices=["trio", "asyncio"], default="trio",
+                       help="the event loop (default trio)")
+    serve.add_argument("--quiet", action="store_true",
+                       help="no JSON log line per request on stdout")
+
     store = commands.add_parser(
         "store", help="look after a store offline: check, ls, repair",
         description="check: verify a store (the catalog, every message's and KV file's "
@@ -237,7 +292,78 @@ def _run(args: argparse.Namespace) -> int:
         )
     elif args.command == "bench":
         anyio.run(lambda: _bench(args), backend="trio")
+    elif args.command == "serve":
+        anyio.run(lambda: _serve(args), backend=args.backend)
     return 0
+
+
+def _serve_logging(*, quiet: bool) -> None:
+    """One JSON line per request on stdout (the server's access log); warnings, troupe's
+    and the server's, on stderr."""
+    import logging
+
+    access = logging.getLogger("troupe.server")
+    access.propagate = False
+    access.setLevel(logging.WARNING if quiet else logging.INFO)
+    lines = logging.StreamHandler(sys.stdout)
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    lines.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    problems.setFormatter(logging.Formatter("troupe: %(levelname)s: %(message)s"))
+    access.addHandler(lines)
+    access.addHandler(problems)
+    # Hypercorn's own lines ("Running on ...") are said once on stderr by the command.
+    logging.getLogger("troupe.server.hypercorn").setLevel(logging.WARNING)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    import os
+    import signal
+
+    from ._runtime import open_runtime
+    from ._serve import ServeOptions, serve
+    from ._validate import parse_bytes
+
+    keys = [*args.api_key, *filter(None, os.environ.get("TROUPE_API_KEYS", "").split(","))]
+    options = ServeOptions(
+        api_keys=tuple(keys), insecure_no_auth=args.insecure_no_auth,
+        max_body_bytes=parse_bytes(args.max_body, "--max-body"), rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst, max_pending=args.max_pending,
+        cors_origins=tuple(args.cors_origin), grace_seconds=args.grace,
+        model_name=args.model_name, kept_conversations=args.kept_conversations)
+    # Refused before the model loads: a typo'd host must not cost a minute of loading.
+    from .server._app import is_loopback
+
+    if not keys and not args.insecure_no_auth and not is_loopback(args.host):
+        raise ValueError(f"refusing to serve {args.host} without an API key: give one "
+                         "(--api-key), or --insecure-no-auth to serve it open")
+    _serve_logging(quiet=args.quiet)
+    stop = anyio.Event()
+    async with open_runtime(args.model, args.store, kv_budget=args.kv_budget,
+                            max_batch_size=args.max_batch_size) as rt, \
+            anyio.create_task_group() as outer:
+        serving = anyio.CancelScope()
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for _ in received:
+                    if stop.is_set():
+                        serving.cancel()  # a second signal: stop now
+                        return
+                    print("troupe: stopping", file=sys.stderr, flush=True)
+                    stop.set()
+
+        outer.start_soon(signals)
+        with serving:
+            async with anyio.create_task_group() as inner:
+                url = await inner.start(lambda task_status: serve(
+                    rt, host=args.host, port=args.port, options=options, shutdown=stop,
+                    task_status=task_status))
+                print(f"troupe: serving {rt.model.name} on {url}", file=sys.stderr,
+                      flush=True)
+        outer.cancel_scope.cancel()
+    print("troupe: stopped", file=sys.stderr, flush=True)
 
 
 async def _bench(args: argparse.Namespace) -> None:
@@ -255,6 +381,10 @@ async def _bench(args: argparse.Namespace) -> None:
 
         await bench_peer(model=model, quick=args.quick, only=args.only,
                          json_path=args.json, chart_path=args.chart)
+    elif args.which == "http":
+        from troupe.bench.http import bench_http
+
+        await bench_http(model=model, quick=args.quick, json_path=args.json)
     elif args.which == "overhead":
         from troupe.bench.overhead import bench_overhead
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -31,7 +32,14 @@ from .actors._agent import Agent, AgentActor, AgentState, Services, chat_message
 from .actors._engine import BUSY_TRIM_FLOOR, IDLE_TRIM_SECONDS, Engine
 from .actors._mlx import ModelInfo
 from .actors._renderer import Renderer
-from .actors._storage import Activate, AddAgent, Deactivate, ForkAgent, Storage
+from .actors._storage import (
+    Activate,
+    AddAgent,
+    Deactivate,
+    DeleteAgent,
+    ForkAgent,
+    Storage,
+)
 
 logger = logging.getLogger("troupe")
 
@@ -67,7 +75,7 @@ def _store_root(store: object) -> Path | None:
     return None if store is None else Path(check_path(store, "store")).expanduser()
 
 
-_TransitionKind = Literal["adding", "activating", "deactivating"]
+_TransitionKind = Literal["adding", "activating", "deactivating", "deleting"]
 
 
 @attrs.define(eq=False)
@@ -111,6 +119,9 @@ class Runtime:
         )
         self._reaper = anyio.CancelScope()
         self._closed = False
+        # Short-lived agents of stateless HTTP requests (``_spawn_with(None, ...)``): never
+        # stored, listed or retired for being idle.
+        self._ephemeral: set[str] = set()
         storage.kv.set_busy(self._busy)
 
     def _busy(self, agent_id: str) -> bool:
@@ -239,7 +250,7 @@ class Runtime:
         # Checked again for each actor: deactivating the ones before it awaited.
         agent_id = actor.agent_id
         return (not self._closed and self._agents.get(agent_id) is actor
-                and agent_id not in self._transitions
+                and agent_id not in self._transitions and agent_id not in self._ephemeral
                 and actor.idle and now - actor.last_active >= idle_timeout)
 
     async def _deactivate(self, actor: AgentActor) -> None:
@@ -279,6 +290,81 @@ class Runtime:
                 raise AgentExistsError(f"agent {agent_id!r} exists already")
         actor = await self._add(agent_id, AgentState(system), AddAgent(agent_id, system))
         return self._handle(actor)
+
+    async def _spawn_with(
+        self, agent_id: str | None, system: str, transcript: list[Message]
+    ) -> Agent:
+        """An agent that starts with ``transcript`` (the HTTP server's: a request's
+        conversation, or a response chain's first input).
+
+        ``agent_id`` None: a short-lived agent for one stateless request, which the store
+        never hears of and ``_delete`` must end; its turns reuse every block another agent
+        or request computed for the same tokens.
+        """
+        self._check_open()
+        ephemeral = agent_id is None
+        if agent_id is None:
+            agent_id = f"~{secrets.token_hex(8)}"  # "~" is outside the ids users may pick
+            self._ephemeral.add(agent_id)
+        else:
+            check_id(agent_id)
+            if agent_id in self._ids:
+                raise AgentExistsError(f"agent {agent_id!r} exists already")
+        request = AddAgent(agent_id, system, tuple((m.role, m.content) for m in transcript),
+                           ephemeral=ephemeral)
+        state = AgentState(system, list(transcript), saved=len(transcript))
+        try:
+            actor = await self._add(agent_id, state, request)
+        except BaseException:
+            self._ephemeral.discard(agent_id)
+            raise
+        return self._handle(actor)
+
+    def _kv_over_budget(self) -> bool:
+        """Whether the KV in memory exceeds the budget: eviction has taken what it could,
+        and the rest is pinned by turns under way (the HTTP server's admission)."""
+        kv = self._storage.kv.statistics()
+        return kv.kv_hot_bytes > kv.kv_budget
+
+    async def _count_tokens(self, system: str, transcript: list[Message]) -> int:
+        """Tokens of the prompt a turn on this conversation would prefill (or reuse)."""
+        self._check_open()
+        chars = len(system) + sum(len(m.content) for m in transcript)
+        self._services.renderer.check_length("count_tokens", chars, 1)
+        return len(await self._services.renderer.render(chat_messages(system, transcript),
+                                                        chars))
+
+    async def delete(self, agent_id: str) -> None:
+        """Delete an agent for good: its turns in flight and queued are cancelled (their
+        callers get AgentNotFoundError); its transcript, store rows and tail file go, and
+        so do the files of its KV blocks that no other stored agent holds; in memory its
+        blocks are released (kept while another agent holds them, else evictable like any
+        cache).
+
+        AgentNotFoundError if there is no such agent; RuntimeClosedError after close.
+        Handles to it answer AgentNotFoundError from then on.
+        """
+        self._check_open()
+        check_id(agent_id)
+        await self._delete(agent_id)
+
+    async def _delete(self, agent_id: str) -> None:
+        await self._settled(agent_id)
+        if agent_id not in self._ids:
+            raise AgentNotFoundError(f"no agent {agent_id!r}")
+        with self._transition(agent_id, "deleting"):
+            # Shielded: once begun, the runtime and the store must both forget the agent.
+            with anyio.CancelScope(shield=True):
+                actor = self._agents.pop(agent_id, None)
+                del self._ids[agent_id]
+                self._ephemeral.discard(agent_id)
+                self._retired.pop(agent_id, None)
+                if actor is not None:
+                    # Its handles activate anew, and find no agent of this id.
+                    actor.deactivated = actor.deleted = True
+                    actor.stop()
+                    await actor.finished.wait()
+                await self._storage.call(DeleteAgent(agent_id))
 
     async def _add(
         self, agent_id: str, state: AgentState, request: AddAgent | ForkAgent
@@ -327,7 +413,9 @@ class Runtime:
 
     def agent_ids(self) -> tuple[str, ...]:
         """Ids of every agent, active or only in the store, in the order they were spawned."""
-        return tuple(self._ids)
+        if not self._ephemeral:
+            return tuple(self._ids)
+        return tuple(i for i in self._ids if i not in self._ephemeral)
 
     def statistics(self) -> RuntimeStatistics:
         """An immutable snapshot of the runtime's counters."""
@@ -336,7 +424,7 @@ class Runtime:
         parts = (self._services.counters, self._engine.statistics(),
                  self._storage.kv.statistics(), self._storage.statistics())
         return RuntimeStatistics(
-            agents=len(self._ids),
+            agents=len(self._ids) - len(self._ephemeral),
             agents_active=len(self._agents),
             activations=self._activations,
             deactivations=self._deactivations,

@@ -489,6 +489,46 @@ class Catalog:
             )
             await _insert_messages(db, agent_id, first_seq, new_messages)
 
+    async def delete_agent(
+        self, agent_id: str
+    ) -> tuple[str | None, list[tuple[bytes, str]]]:
+        """Delete an agent's row and messages, and the rows of its blocks that no other
+        agent's chain holds, in one transaction. Returns the agent's tail file and the
+        freed blocks' ids and files, for the caller to remove."""
+        async with self._transaction(f"delete agent {agent_id!r} from") as db:
+            rows = await db.execute_fetchall(
+                "SELECT tail_file, chain FROM agents WHERE id = ?", (agent_id,))
+            tail: str | None = None
+            freed: set[bytes] = set()
+            for name, chain in rows:
+                tail = str(name) if name is not None else None
+                freed = set(unpack_chain(bytes(chain)))
+            if tail is not None:
+                try:
+                    check_tail_name(agent_id, tail)  # never another agent's file
+                except StoreError as exc:
+                    logger.warning("%s", exc)
+                    tail = None
+            await db.execute("DELETE FROM messages WHERE agent_id = ?", (agent_id,))
+            await db.execute("DELETE FROM agents WHERE id = ?", (agent_id,))
+            if freed:
+                # Blocks are shared: only those no remaining chain names go.
+                async with db.execute("SELECT chain FROM agents") as cursor:
+                    async for (chain,) in cursor:
+                        freed.difference_update(unpack_chain(bytes(chain)))
+                        if not freed:
+                            break
+            files: list[tuple[bytes, str]] = []
+            ids = sorted(freed)
+            for i in range(0, len(ids), 500):
+                part = ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                found = await db.execute_fetchall(
+                    f"SELECT id, serial FROM blocks WHERE id IN ({marks})", part)
+                files += [(bytes(b), block_file_name(bytes(b), serial)) for b, serial in found]
+                await db.execute(f"DELETE FROM blocks WHERE id IN ({marks})", part)
+        return tail, files
+
     async def forget_block(self, block_id: bytes) -> None:
         """Delete a damaged block's row (chains keep its id; a rebuild writes it again)."""
         async with self._transaction("drop a damaged block from") as db:

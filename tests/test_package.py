@@ -32,9 +32,8 @@ def test_public_names_are_pinned() -> None:
         "AgentNotFoundError", "AgentStatistics", "BlasStatus", "BlasWarning",
         "ContextLengthError", "EngineError", "IncompleteReplyError",
         "Message", "ModelInfo", "ModelLoadError", "Reply", "ReplyStream", "Runtime",
-        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "StoreError", "Tool", "ToolCall",
-        "TroupeError",
-        "__version__", "make_model", "open_runtime",
+        "RuntimeClosedError", "RuntimeStatistics", "Sampling", "ServeOptions", "StoreError",
+        "Tool", "ToolCall", "TroupeError", "__version__", "make_model", "open_runtime", "serve",
     ])
     for name in troupe.__all__:
         assert getattr(troupe, name) is not None
@@ -296,6 +295,11 @@ async def test_examples_run(tmp_path: Path, troupe_env: dict[str, str]) -> None:
     assert second.returncode == 0, second.stderr
     assert "continuing: 2 messages on record" in second.stdout
     assert "narrator reused 0 cached tokens" not in second.stdout
+    served = await trio.to_thread.run_sync(lambda: _run(
+        [PYTHON, str(ROOT / "examples" / "http_server.py"), "embedded:tiny"], troupe_env))
+    assert served.returncode == 0, served.stderr
+    assert "anthropic: streamed" in served.stdout
+    assert " 0 read from cache" not in served.stdout
 
 
 # Which BLAS a fresh process binds MLX to, its name and file, whether MLX's matmul agrees

@@ -33,3 +33,19 @@ async def test_the_village_runs_alike_on_both_systems(tmp_path: Path) -> None:
     assert theirs.tokens_generated > 0
     assert result.ratio > 0
     assert "ratio server / troupe on the rounds" in out.getvalue()
+
+
+async def test_bench_http_drives_troupe_serve_like_mlx_lm_server(tmp_path: Path) -> None:
+    from troupe.bench.http import bench_http
+
+    out = io.StringIO()
+    result = await bench_http(model="embedded:tiny", quick=True, json_path=None, out=out,
+                              sizes=TINY)
+    turns = TINY.village_agents * TINY.village_rounds
+    assert result.python.turns == result.troupe_serve.turns == result.mlx_server.turns == turns
+    # Greedy, one model: over HTTP troupe answers as through its Python API, and each
+    # client's resent conversation prefills about what the Python API's agent does.
+    assert result.differing_serve == 0
+    assert result.troupe_serve.replies == result.python.replies
+    assert result.troupe_serve.tokens_prefilled <= result.python.tokens_prefilled + 32
+    assert "ratio mlx_lm.server / troupe serve" in out.getvalue()

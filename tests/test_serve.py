@@ -1,0 +1,587 @@
+"""`troupe serve` on the real embedded model and real loopback sockets, driven by the
+official openai and anthropic clients (and httpx for troupe's agents API)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import anyio
+import httpx
+import openai
+import pytest
+
+import troupe
+from conftest import PYTHON
+from serving import KEY, Server, serving
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with serving() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def model(server: Server) -> str:
+    return server.rt.model.name
+
+
+@pytest.fixture
+def oai(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def claude(server: Server) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
+
+
+@pytest.fixture
+def http(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as client:
+        yield client
+
+
+def _ask(
+    oai: openai.OpenAI, model: str, text: str, **kw: object
+) -> openai.types.chat.ChatCompletion:
+    return oai.chat.completions.create(  # type: ignore[call-overload, no-any-return]
+        model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+# -- OpenAI ---------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(oai: openai.OpenAI, model: str) -> None:
+    assert [m.id for m in oai.models.list().data] == [model]
+    assert oai.models.retrieve(model).id == model
+
+
+def test_chat_completion_and_its_stream_agree(oai: openai.OpenAI, model: str,
+                                              server: Server) -> None:
+    agents = server.statistics().agents
+    reply = _ask(oai, model, "Tell me a story.", max_tokens=8, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 8
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+    # The same greedy turn streamed: the same text, chunk by chunk, then the usage.
+    chunks = list(_ask(oai, model, "Tell me a story.", max_completion_tokens=8,
+                       temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 8
+    # Stateless requests leave no agent behind.
+    assert server.statistics().agents == agents
+
+
+def test_seeded_sampling_repeats(oai: openai.OpenAI, model: str) -> None:
+    texts = {_ask(oai, model, "Pick a word.", max_tokens=6, temperature=0.9, top_p=0.9,
+                  seed=7).choices[0].message.content for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_stop_sequence_cuts_the_reply(oai: openai.OpenAI, model: str) -> None:
+    full = _ask(oai, model, "Count.", max_tokens=12, temperature=0).choices[0].message.content
+    assert full is not None
+    assert len(full) > 4
+    stop = full[3:5]
+    cut = _ask(oai, model, "Count.", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_a_resent_conversation_prefills_only_what_is_new(
+        oai: openai.OpenAI, model: str, server: Server) -> None:
+    agents = server.statistics().agents
+    system = "You are a careful narrator of a long story about a village. " * 6
+    messages: list[dict[str, str]] = [{"role": "system", "content": system},
+                                      {"role": "user", "content": "Begin."}]
+    first = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                        max_tokens=8, temperature=0)
+    assert first.usage is not None
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "Go on."}]
+    second = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                         max_tokens=8, temperature=0)
+    usage = second.usage
+    assert usage is not None
+    assert usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    # The agent that answered the first request answers the second: all of the first
+    # turn's prompt and reply is read from its KV; only the new message is prefilled.
+    assert cached >= first.usage.prompt_tokens
+    assert usage.prompt_tokens - cached < 32
+    # A conversation the client changed (here, the first reply) is a new agent's, which
+    # still reads every full 16-token block the two share.
+    messages[2]["content"] = "Something else entirely."
+    third = oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                        max_tokens=8, temperature=0)
+    assert third.usage is not None
+    assert third.usage.prompt_tokens_details is not None
+    shared = (first.usage.prompt_tokens // 16) * 16
+    assert shared <= (third.usage.prompt_tokens_details.cached_tokens or 0) < cached
+    # The same request twice makes the same conversation: one agent is kept for it.
+    active = server.statistics().agents_active
+    for _ in range(2):
+        oai.chat.completions.create(model=model, messages=messages,  # type: ignore[arg-type]
+                                    max_tokens=8, temperature=0)
+    assert server.statistics().agents_active == active
+    assert server.statistics().agents == agents
+
+
+def test_speaking_as_a_named_agent(oai: openai.OpenAI, model: str, http: httpx.Client) -> None:
+    assert http.post("/v1/agents", json={"id": "narrator", "system": "Be brief."}
+                     ).status_code == 201
+    reply = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello."}], max_tokens=3,
+        temperature=0, extra_headers={"X-Troupe-Agent": "narrator"})
+    assert reply.choices[0].message.content is not None
+    agent = http.get("/v1/agents/narrator").json()
+    assert [m["role"] for m in agent["transcript"]] == ["user", "assistant"]
+    assert agent["transcript"][1]["content"] == reply.choices[0].message.content
+    # A stateless request that starts as the agent's conversation reads the agent's blocks.
+    stateless = oai.chat.completions.create(model=model, max_tokens=2, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello."},
+        {"role": "assistant", "content": reply.choices[0].message.content},
+        {"role": "user", "content": "More."}])
+    assert stateless.usage is not None
+    assert stateless.usage.prompt_tokens_details is not None
+    assert (stateless.usage.prompt_tokens_details.cached_tokens or 0) >= 16
+    assert http.delete("/v1/agents/narrator").status_code == 200
+
+
+def test_a_client_leaving_mid_stream_cancels_its_turn(
+        oai: openai.OpenAI, model: str, http: httpx.Client, server: Server) -> None:
+    assert http.post("/v1/agents", json={"id": "leaver"}).status_code == 201
+    stream = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Talk for long."}],
+        max_tokens=2000, temperature=0, stream=True,
+        extra_headers={"X-Troupe-Agent": "leaver"})
+    next(iter(stream))
+    stream.close()
+    # The agent's turns run in order: this one runs once the first is over, which,
+    # cancelled, left the transcript as it was (no 2000-token reply in it).
+    reply = oai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Short now."}], max_tokens=2,
+        extra_headers={"X-Troupe-Agent": "leaver"})
+    assert reply.choices[0].message.content is not None
+    transcript = http.get("/v1/agents/leaver").json()["transcript"]
+    assert [m["content"] for m in transcript if m["role"] == "user"] == ["Short now."]
+    assert server.statistics().turns_cancelled >= 1
+    http.delete("/v1/agents/leaver")
+
+
+def test_responses_continue_by_id(oai: openai.OpenAI, model: str, http: httpx.Client) -> None:
+    first = oai.responses.create(model=model, input="Name a color.", instructions="Be brief.",
+                                 max_output_tokens=4, temperature=0)
+    assert first.output_text
+    second = oai.responses.create(model=model, input="Another.", previous_response_id=first.id,
+                                  max_output_tokens=4, temperature=0)
+    assert second.id != first.id
+    assert second.usage is not None
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    # Streamed, OpenAI's event sequence; the chain goes on from the streamed response.
+    events = list(oai.responses.create(model=model, input="And a third.", stream=True,
+                                       max_output_tokens=4, previous_response_id=second.id,
+                                       temperature=0))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-1] == "response.incomplete"  # cut by max_output_tokens
+    third = events[-1].response  # type: ignore[union-attr]
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert third.output_text == "".join(deltas)
+    assert third.id == second.id.rpartition("_")[0] + "_3"
+    assert third.usage is not None
+    assert third.usage.output_tokens == 4
+    fourth = oai.responses.create(model=model, input="Last.", previous_response_id=third.id,
+                                  max_output_tokens=2)
+    assert fourth.id.endswith("_4")
+    again = oai.responses.retrieve(third.id)
+    assert again.output_text == third.output_text
+    assert again.previous_response_id == second.id
+    with pytest.raises(openai.BadRequestError):  # only the latest of a chain goes on
+        oai.responses.create(model=model, input="Again.", previous_response_id=first.id,
+                             max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.create(model=model, input="x", previous_response_id="resp_nope_1",
+                             max_output_tokens=2)
+    oai.responses.delete(first.id)  # the whole chain: it is one agent
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(fourth.id)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def test_bad_requests_get_openai_errors(oai: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        _ask(oai, "no-such-model", "hi", max_tokens=2)
+    assert "no-such-model" in missing.value.message
+    with pytest.raises(openai.BadRequestError) as hot:
+        _ask(oai, model, "hi", max_tokens=2, temperature=5)
+    assert hot.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as long:
+        _ask(oai, model, "hi " * 3000, max_tokens=2)
+    assert long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as tools:
+        _ask(oai, model, "hi", max_tokens=2, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object"}}}])
+    assert "not supported by this server yet" in tools.value.message
+    with pytest.raises(openai.BadRequestError):
+        _ask(oai, model, "hi", max_tokens=2, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=model, max_tokens=2, messages=[
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(openai.BadRequestError):
+        _ask(oai, model, "hi", max_tokens=2, n=2)
+
+
+def test_bad_bodies_and_keys(server: Server, model: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        anonymous = client.get("/v1/models")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["type"] == "authentication_error"
+        assert client.get("/v1/models", headers={"x-api-key": KEY + "x"}).status_code == 401
+        assert client.get("/health").json()["ready"] is True  # no key needed
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert client.post("/v1/chat/completions", headers=auth,
+                           content=b"{not json").status_code == 400
+        assert client.post("/v1/chat/completions", headers=auth, content=b"[]").status_code == 400
+        huge = client.post("/v1/chat/completions", headers=auth,
+                           content=b"x" * (server_limit() + 1))
+        assert huge.status_code == 413
+        assert huge.json()["error"]["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it comes
+            for _ in range(server_limit() // 65536 + 2):
+                yield b" " * 65536
+
+        chunked = client.post("/v1/chat/completions", headers=auth, content=chunks())
+        assert chunked.status_code == 413
+        assert client.get("/v1/nothing", headers=auth).status_code == 404
+        assert client.get("/v1/chat/completions", headers=auth).status_code == 405
+        for status in (huge, anonymous):
+            assert "Traceback" not in status.text
+
+
+def server_limit() -> int:
+    return troupe.ServeOptions().max_body_bytes
+
+
+def test_anonymous_on_a_public_address_is_refused() -> None:
+    async def attempt() -> None:
+        async with troupe.open_runtime("embedded:tiny") as rt:
+            await troupe.serve(rt, host="0.0.0.0", port=0)
+
+    import trio
+
+    with pytest.raises(ValueError, match="without an API key"):
+        trio.run(attempt)
+
+
+def test_rate_limit_answers_429_with_retry_after(model: str) -> None:
+    options = troupe.ServeOptions(api_keys=(KEY, "other"), rate_limit=0.001, rate_burst=2)
+    with serving(options=options) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+        client.models.list()
+        client.models.list()
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.models.list()
+        assert int(limited.value.response.headers["Retry-After"]) >= 1
+        # The limit is per key.
+        other = openai.OpenAI(base_url=f"{running.url}/v1", api_key="other", max_retries=0)
+        assert other.models.list().data
+        # A wrong key is refused before it is counted: it cannot spend another's budget.
+        wrong = openai.OpenAI(base_url=f"{running.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+    # Without keys, the limit is per client address.
+    with serving(options=troupe.ServeOptions(rate_limit=0.001, rate_burst=1)) as running:
+        open_client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="x", max_retries=0)
+        open_client.models.list()
+        with pytest.raises(openai.RateLimitError):
+            open_client.models.list()
+
+
+def test_a_full_server_answers_503_with_retry_after(model: str) -> None:
+    options = troupe.ServeOptions(api_keys=(KEY,), max_pending=1,
+                                  cors_origins=("https://app.example",))
+    with serving(options=options) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Talk."}], max_tokens=1000,
+            stream=True)
+        next(iter(stream))  # one turn under way: the server is full
+        with pytest.raises(openai.InternalServerError) as busy:
+            _ask(client, model, "Me too.", max_tokens=2)
+        assert busy.value.status_code == 503
+        assert busy.value.response.headers["Retry-After"] == "1"
+        stream.close()
+        # CORS: a browser on the allowed origin may call.
+        preflight = httpx.options(f"{running.url}/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    # Admission by KV: a turn under way whose KV is over the budget fills the server.
+    with serving(kv_budget="4KB") as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Talk. " * 30}],
+            max_tokens=1000, stream=True)
+        next(iter(stream))
+        with pytest.raises(openai.InternalServerError) as full:
+            _ask(client, model, "Me too.", max_tokens=2)
+        assert "KV budget" in full.value.message
+        stream.close()
+
+
+def test_one_json_log_line_per_request(http: httpx.Client,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="troupe.server")
+    assert http.get("/v1/models").status_code == 200
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "troupe.server" and r.getMessage().startswith("{")]
+    assert [(line["route"], line["status"]) for line in lines] == [("/v1/models", 200)]
+    assert lines[0]["key"] is not None
+    assert KEY not in caplog.text  # a fingerprint, never the key
+
+
+# -- Anthropic ------------------------------------------------------------------------------
+
+def test_anthropic_messages_and_stream(claude: anthropic.Anthropic, model: str) -> None:
+    message = claude.messages.create(
+        model=model, max_tokens=6, system=[{"type": "text", "text": "Be brief."}],
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello."}]}])
+    assert message.stop_reason == "max_tokens"
+    assert message.usage.output_tokens == 6
+    text = message.content[0].text  # type: ignore[union-attr]
+    with claude.messages.stream(model=model, max_tokens=6, system="Be brief.",
+                                extra_body={"temperature": 0},
+                                messages=[{"role": "user", "content": "Hello."}]) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == text
+    assert final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens == 6
+    # A resent conversation is read from cache.
+    again = claude.messages.create(model=model, max_tokens=2, system="Be brief.", messages=[
+        {"role": "user", "content": "Hello."}, {"role": "assistant", "content": text},
+        {"role": "user", "content": "More."}])
+    assert (again.usage.cache_read_input_tokens or 0) > 0
+    count = claude.messages.count_tokens(model=model, system="Be brief.",
+                                         messages=[{"role": "user", "content": "Hello."}])
+    assert count.input_tokens == (message.usage.input_tokens
+                                  + (message.usage.cache_read_input_tokens or 0))
+
+
+def test_anthropic_errors_in_its_shape(claude: anthropic.Anthropic, model: str) -> None:
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.messages.create(model="nope", max_tokens=2,
+                               messages=[{"role": "user", "content": "x"}])
+    assert missing.value.body["type"] == "error"  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as tools:
+        claude.messages.create(model=model, max_tokens=2, tools=[{
+            "name": "f", "input_schema": {"type": "object"}}],
+            messages=[{"role": "user", "content": "x"}])
+    assert tools.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    bad_key = anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad_key.messages.create(model=model, max_tokens=2,
+                                messages=[{"role": "user", "content": "x"}])
+
+
+# -- the agents API -------------------------------------------------------------------------
+
+def test_agents_api(http: httpx.Client) -> None:
+    for i in range(3):
+        assert http.post("/v1/agents", json={"id": f"team/{i}", "system": "Be brief."}
+                         ).status_code == 201
+    assert http.post("/v1/agents", json={"id": "team/0"}).status_code == 409
+    page = http.get("/v1/agents", params={"limit": 2}).json()
+    assert page["has_more"] is True
+    rest = http.get("/v1/agents", params={"after": page["last_id"]}).json()
+    ids = [a["id"] for a in page["data"] + rest["data"]]
+    assert {"team/0", "team/1", "team/2"} <= set(ids)
+    assert len(ids) == len(set(ids))
+    assert http.post("/v1/agents/team/0/tell", json={"message": "Remember 7."}
+                     ).status_code == 202
+    reply = http.post("/v1/agents/team/0/turns",
+                      json={"message": "What number?", "max_tokens": 3}).json()
+    assert reply["usage"]["completion_tokens"] == 3
+    with http.stream("POST", "/v1/agents/team/1/turns",
+                     json={"message": "Hi.", "max_tokens": 3, "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(e.get("delta", "") for e in events[:-1]) == events[-1]["text"]
+    fork = http.post("/v1/agents/team/0/fork", json={"id": "team/0b"})
+    assert fork.status_code == 201
+    got = http.get("/v1/agents/team/0b").json()
+    assert [m["role"] for m in got["transcript"]] == ["user", "user", "assistant"]
+    assert got["statistics"]["turns"] == 1
+    stats = http.get("/v1/statistics").json()
+    assert stats["turns_completed"] >= 2
+    for agent_id in ("team/0", "team/0b", "team/1", "team/2"):
+        assert http.delete(f"/v1/agents/{agent_id}").status_code == 200
+    gone = http.get("/v1/agents/team/0")
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == "agent_not_found"
+    assert http.delete("/v1/agents/team/0").status_code == 404
+    assert http.post("/v1/agents/team/0/turns", json={"message": "x"}).status_code == 404
+
+
+def test_health_metrics_and_schema(http: httpx.Client) -> None:
+    assert http.get("/health").json() == {"status": "ok", "live": True, "ready": True}
+    metrics = http.get("/metrics").text
+    for name in ("troupe_http_requests_total", "troupe_turns_completed_total",
+                 "troupe_kv_hot_bytes", "troupe_turns_in_flight", "troupe_evictions_total",
+                 "troupe_http_time_to_first_token_seconds_bucket",
+                 "troupe_http_conversations_resumed_total", "troupe_http_kept_conversations"):
+        assert name in metrics
+    schema = http.get("/openapi.json").json()
+    assert "/v1/agents/{agent_id}/turns" in schema["paths"]
+
+
+# -- restarts, backends, the command ---------------------------------------------------------
+
+def test_a_response_chain_survives_a_restart(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with serving(store) as first_run:
+        client = openai.OpenAI(base_url=f"{first_run.url}/v1", api_key=KEY, max_retries=0)
+        model = first_run.rt.model.name
+        first = client.responses.create(model=model, input="Name a fruit.",
+                                        max_output_tokens=3, temperature=0)
+        # Stateless traffic leaves nothing in the store.
+        client.chat.completions.create(model=model, max_tokens=2,
+                                       messages=[{"role": "user", "content": "x"}])
+    with serving(store, backend="asyncio") as second_run:
+        client = openai.OpenAI(base_url=f"{second_run.url}/v1", api_key=KEY, max_retries=0)
+        second = client.responses.create(model=model, input="Another.", max_output_tokens=3,
+                                         previous_response_id=first.id, temperature=0)
+        assert second.output_text is not None
+        assert second_run.rt.agent_ids() == (first.id.rpartition("_")[0],)
+        with httpx.Client(base_url=second_run.url, headers={"x-api-key": KEY}) as http:
+            chain = http.get(f"/v1/agents/{second_run.rt.agent_ids()[0]}").json()
+        assert [m["content"] for m in chain["transcript"] if m["role"] == "user"] == [
+            "Name a fruit.", "Another."]
+
+
+# -- the published schema, fuzzed ---------------------------------------------------------
+
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def test_fuzzing_the_published_schema_finds_no_5xx_and_no_open_door(
+        server: Server, http: httpx.Client) -> None:
+    import hypothesis
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+
+    raw = http.get("/openapi.json").json()
+    schema = schemathesis.openapi.from_dict(raw)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 14
+    for operation in operations:
+        # Without a key, every operation but the health check is refused.
+        path = operation.path.replace("{agent_id}", "nobody")
+        anonymous = httpx.request(operation.method.upper(), server.url + path, json={})
+        if operation.path == "/health":
+            assert anonymous.status_code == 200
+        else:
+            assert anonymous.status_code == 401, operation.label
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(max_examples=6, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.generate])
+        def fuzz(case: schemathesis.Case) -> None:
+            if isinstance(case.body, dict):
+                for field in TOKEN_FIELDS:  # a bounded run: short turns
+                    if isinstance(case.body.get(field), int):
+                        case.body[field] = min(case.body[field], 4)
+                case.body.pop("stream", None)
+            response = case.call(base_url=server.url, headers=auth, timeout=60)
+            case.validate_response(response, checks=[not_a_server_error])
+
+        fuzz()
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_an_embedded_server_is_cancelled_cleanly(backend: str) -> None:
+    async def main() -> tuple[int, bool]:
+        async with troupe.open_runtime("embedded:tiny") as rt:
+            async with anyio.create_task_group() as tg:
+                url = await tg.start(lambda task_status: troupe.serve(
+                    rt, port=0, task_status=task_status))
+                async with httpx.AsyncClient(base_url=url) as client:
+                    status = (await client.get("/v1/models")).status_code
+                tg.cancel_scope.cancel()
+            # The runtime goes on serving Python callers.
+            agent = await rt.spawn("after")
+            return status, bool((await agent.say("Hi.", max_tokens=2)).tokens)
+
+    assert anyio.run(main, backend=backend) == (200, True)
+
+
+def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    command = [PYTHON, "-m", "troupe._cli", "serve", "--model", "embedded:tiny", "--port", "0",
+               "--store", str(tmp_path / "store"), "--api-key", KEY]
+    with subprocess.Popen(command, env=troupe_env, stderr=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line.startswith("troupe: note:"):
+            line = proc.stderr.readline()
+        assert line.startswith("troupe: serving"), line
+        url = line.split(" on ")[1].strip()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        reply = client.responses.create(model=client.models.list().data[0].id, input="Hi.",
+                                        max_output_tokens=2)
+        assert reply.output_text is not None
+        # A stream in flight at SIGTERM finishes within the grace period.
+        stream = client.chat.completions.create(
+            model=reply.model, messages=[{"role": "user", "content": "Talk."}],
+            max_tokens=64, stream=True, stream_options={"include_usage": True})
+        chunks = iter(stream)
+        next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        tail = list(chunks)
+        assert tail[-1].usage is not None
+        assert tail[-1].usage.completion_tokens == 64
+        rest = proc.stderr.read()
+        assert proc.stdout is not None
+        log = [json.loads(line) for line in proc.stdout.read().splitlines()]
+        assert proc.wait(timeout=60) == 0
+    assert rest.splitlines() == ["troupe: stopping", "troupe: stopped"]
+    # The access log: one JSON line per request, on stdout.
+    assert [(line["route"], line["status"]) for line in log] == [
+        ("/v1/models", 200), ("/v1/responses", 200), ("/v1/chat/completions", 200)]
+    # The store was closed cleanly: the chain is in it.
+    check = subprocess.run([PYTHON, "-m", "troupe._cli", "store", "ls", str(tmp_path / "store")],
+                           env=troupe_env, capture_output=True, text=True, timeout=120)
+    assert reply.id.rpartition("_")[0] in check.stdout
+
+
+def test_refuses_a_public_address_without_a_key_before_loading(
+        troupe_env: dict[str, str]) -> None:
+    done = subprocess.run([PYTHON, "-m", "troupe._cli", "serve", "--host", "0.0.0.0"],
+                          env=troupe_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "without an API key" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -73,5 +73,9 @@ def error_response(error: ApiError, path: str) -> JSONResponse:
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    if error.status == 413:
+        # The rest of the body is left unread, so the connection cannot carry another
+        # request: say so, or a client reusing it races the server's close.
+        headers["Connection"] = "close"
     return JSONResponse(error_body(error, dialect_of(path)), status_code=error.status,
                         headers=headers)

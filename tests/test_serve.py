@@ -578,6 +578,39 @@ def test_the_serve_command_stops_gracefully_on_sigterm(troupe_env: dict[str, str
     assert reply.id.rpartition("_")[0] in check.stdout
 
 
+def test_past_the_grace_period_turns_are_cancelled_and_the_store_closed(
+        troupe_env: dict[str, str], tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    command = [PYTHON, "-m", "troupe._cli", "serve", "--model", "embedded:tiny", "--port", "0",
+               "--store", str(store), "--grace", "0", "--quiet"]
+    with subprocess.Popen(command, env=troupe_env, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while line.startswith("troupe: note:"):
+            line = proc.stderr.readline()
+        url = line.split(" on ")[1].strip()
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.post("/v1/agents", json={"id": "talker"}).status_code == 201
+            with http.stream("POST", "/v1/agents/talker/turns", json={
+                    "message": "Talk for long.", "max_tokens": 2000, "stream": True}) as reply:
+                lines = reply.iter_lines()
+                assert next(lines).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(httpx.HTTPError):  # cut off: no grace
+                    for _ in lines:
+                        pass
+        assert proc.wait(timeout=60) == 0
+    # The cancelled turn left the agent as it was, and the store is sound.
+    listed = subprocess.run([PYTHON, "-m", "troupe._cli", "store", "check", str(store)],
+                            env=troupe_env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    async def transcript() -> int:
+        async with troupe.open_runtime("embedded:tiny", store) as rt:
+            return len((await rt.get("talker")).transcript())
+
+    assert anyio.run(transcript) == 0
+
+
 def test_refuses_a_public_address_without_a_key_before_loading(
         troupe_env: dict[str, str]) -> None:
     done = subprocess.run([PYTHON, "-m", "troupe._cli", "serve", "--host", "0.0.0.0"],

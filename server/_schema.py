@@ -124,8 +124,11 @@ def document(model: str) -> dict[str, Any]:
     count = {"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string", "enum": [model]}, "messages": anthropic_messages,
         "system": _CONTENT}}
-    turn = {"type": "object", "required": ["message"], "properties": {
-        "message": _STR, "max_tokens": {"type": "integer", "minimum": 1},
+    turn = {"type": "object", "properties": {
+        "message": _STR, "tool_results": {"type": "array", "items": _STR, "minItems": 1},
+        "schema": {"type": "object"}, "choices": {"type": "array", "items": _STR},
+        "regex": _STR, "tools": {"type": "array", "items": _FUNCTION},
+        "tool_choice": _STR, "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "seed": {"type": "integer", "minimum": 0}, "stop": _STOP,

@@ -196,6 +196,9 @@ class Structure:
     schema: dict[str, Any] | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: str = "auto"
+    choices: tuple[str, ...] | None = None
+    """The agents API's ``choices`` and ``regex`` (as ``Agent.say``'s)."""
+    regex: str | None = None
 
     @property
     def forced(self) -> bool:
@@ -213,8 +216,9 @@ FREE = Structure()
 
 def _turn(agent: Agent, conversation: Conversation, options: Sampling,
           structure: Structure) -> Turn:
-    return agent._turn(conversation.last, options, structure.schema, None, None,
-                       structure.tools or None, structure.tool_choice, conversation.results)
+    return agent._turn(conversation.last, options, structure.schema, structure.choices,
+                       structure.regex, structure.tools or None, structure.tool_choice,
+                       conversation.results)
 
 
 def incomplete_reply(agent: Agent, exc: IncompleteReplyError) -> Reply:
@@ -469,11 +473,41 @@ def structured_anthropic(body: dict[str, Any]) -> Structure:
     return _structure(None, tools, choice)
 
 
-def structured_agents(body: dict[str, Any]) -> None:
-    """The agents API's ``schema``, ``tools`` and ``tool_choice`` on a turn."""
-    for feature in ("schema", "tools", "tool_choice"):
-        if body.get(feature) is not None:
-            raise unsupported(feature, feature)
+def structured_agents(body: dict[str, Any]) -> Structure:
+    """The agents API's ``schema`` (a JSON Schema), ``choices``, ``regex``, ``tools``
+    (``name``, ``description``, ``parameters``) and ``tool_choice``, as ``Agent.say``
+    takes them."""
+    schema = body.get("schema")
+    if schema is not None:
+        schema = _schema_of(schema, "schema")
+    choices, regex = body.get("choices"), body.get("regex")
+    for name, value in (("choices", choices), ("regex", regex)):
+        if value is None:
+            continue
+        try:
+            make_constraint(**{name: value})
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, f"{name}: {exc}", param=name, code="invalid_value") from None
+    given = body.get("tools")
+    if given is not None and not isinstance(given, list):
+        raise ApiError(400, "tools must be an array", param="tools", code="invalid_value")
+    tools = []
+    for i, item in enumerate(given or []):
+        if not isinstance(item, dict):
+            raise ApiError(400, f"tools[{i}] must be an object", param="tools",
+                           code="invalid_value")
+        tools.append(_tool(item, "parameters", f"tools[{i}]"))
+    choice = body.get("tool_choice", "auto")
+    if not isinstance(choice, str):
+        raise ApiError(400, "tool_choice must be 'auto', 'none', 'required' or a tool's name",
+                       param="tool_choice", code="invalid_value")
+    structure = _structure(schema, tools, choice)
+    if (choices is not None or regex is not None) and (
+            schema is not None or (tools and choice != "none")):
+        raise ApiError(400, "give at most one of schema, choices, regex, or tools with a "
+                       "tool_choice other than 'none'", param="schema", code="invalid_value")
+    return attrs.evolve(structure, choices=None if choices is None else tuple(choices),
+                        regex=regex)
 
 
 def call_arguments(value: object, where: str, param: str) -> dict[str, Any]:

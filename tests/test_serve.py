@@ -775,3 +775,37 @@ def test_schemas_the_grammar_engine_cannot_compile_are_400s(
             "name": "f", "input_schema": bad}],  # type: ignore[list-item]
             messages=[{"role": "user", "content": "x"}])
     assert anthropic_bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+def test_agents_api_typed_turns_and_tool_results(http: httpx.Client) -> None:
+    import jsonschema
+
+    assert http.post("/v1/agents", json={"id": "typed"}).status_code == 201
+    voted = http.post("/v1/agents/typed/turns", json={
+        "message": "Vote.", "schema": VOTE, "max_tokens": 80}).json()
+    jsonschema.validate(voted["data"], VOTE)
+    assert json.loads(voted["text"]) == voted["data"]
+    picked = http.post("/v1/agents/typed/turns", json={
+        "message": "Where?", "choices": ["north", "south"], "max_tokens": 8}).json()
+    assert picked["data"] in ("north", "south")
+    tools = [{"name": "weather", "description": "The weather in a city.",
+              "parameters": WEATHER_PARAMETERS}]
+    called = http.post("/v1/agents/typed/turns", json={
+        "message": "Sunny in Rome?", "tools": tools, "tool_choice": "weather",
+        "max_tokens": CALL_TOKENS}).json()
+    [call] = called["tool_calls"]
+    assert call["name"] == "weather"
+    assert call["arguments"]["city"] in ("paris", "rome")
+    with http.stream("POST", "/v1/agents/typed/turns", json={
+            "tool_results": ["Sunny."], "tools": tools, "tool_choice": "none",
+            "max_tokens": 4, "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                  if line.startswith("data: {")]
+    assert events[-1]["tool_calls"] == []
+    transcript = http.get("/v1/agents/typed").json()["transcript"]
+    assert [m["role"] for m in transcript][-3:] == ["assistant", "tool", "assistant"]
+    assert transcript[-2]["content"] == "Sunny."
+    both = http.post("/v1/agents/typed/turns", json={
+        "message": "x", "schema": VOTE, "choices": ["a"]})
+    assert both.status_code == 400
+    assert http.delete("/v1/agents/typed").status_code == 200

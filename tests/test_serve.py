@@ -13,6 +13,7 @@ from typing import Any
 
 import anthropic
 import anyio
+import attrs
 import httpx
 import openai
 import pytest
@@ -635,6 +636,10 @@ def test_response_format_json_schema_and_json_object(oai: openai.OpenAI, model: 
     assert cut.usage is not None
     assert cut.usage.completion_tokens == 3
     assert cut.usage.prompt_tokens > 0
+    cut_chunks = list(_ask(oai, model, "Vote.", max_tokens=3, stream=True, response_format={
+        "type": "json_schema", "json_schema": {"name": "vote", "schema": VOTE}}))
+    assert cut_chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in cut_chunks).startswith("{")
 
 
 def test_openai_tools_round_trip(oai: openai.OpenAI, model: str, server: Server) -> None:
@@ -749,6 +754,34 @@ def test_anthropic_tools_round_trip_and_stream(claude: anthropic.Anthropic, mode
                                  tool_choice={"type": "any"})
     assert cut.stop_reason == "max_tokens"
     assert cut.usage.output_tokens == 3
+    assert [b.type for b in cut.content] == ["text"]
+    with claude.messages.stream(model=model, max_tokens=3, messages=messages[:1],
+                                tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+                                tool_choice={"type": "any"}) as stream:
+        cut_streamed = stream.get_final_message()
+    assert cut_streamed.stop_reason == "max_tokens"
+    assert [b.type for b in cut_streamed.content] == ["text"]
+
+
+def test_streamed_text_holds_back_what_may_start_a_call() -> None:
+    from troupe.server._turns import CallFilter, Structure
+
+    tools = (troupe.Tool("f", "", {"type": "object"}),)
+    reply = troupe.Reply("a", "Hi <tool_call>...", (), 0, 0, "stop",
+                         tool_calls=(troupe.ToolCall("c", "f", {}),))
+    free = CallFilter(Structure(tools=tools), ["<tool_call>"])
+    out = [free.feed(d) for d in ["Hi <", "tool", "_call>", "{\"name\""]]
+    assert out == ["Hi ", "", "", ""]
+    assert free.rest(reply) == ""
+    # A "<" that starts no call is let through once that is clear, or at the end.
+    text = CallFilter(Structure(tools=tools), ["<tool_call>"])
+    said = text.feed("a <b") + text.feed("> c <")
+    assert said == "a <b> c "
+    assert text.rest(attrs.evolve(reply, tool_calls=())) == "<"
+    forced = CallFilter(Structure(tools=tools, tool_choice="required"), ["<tool_call>"])
+    assert forced.feed("<tool_") == ""
+    assert forced.rest(attrs.evolve(reply, tool_calls=())) == "<tool_"
+    assert CallFilter(Structure(), ["<tool_call>"]).feed("<tool_") == "<tool_"
 
 
 def test_schemas_the_grammar_engine_cannot_compile_are_400s(

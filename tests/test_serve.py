@@ -761,6 +761,8 @@ def test_anthropic_tools_round_trip_and_stream(claude: anthropic.Anthropic, mode
         cut_streamed = stream.get_final_message()
     assert cut_streamed.stop_reason == "max_tokens"
     assert [b.type for b in cut_streamed.content] == ["text"]
+    # An idle keep-alive connection would hold the server's shutdown for its grace period.
+    claude.close()
 
 
 def test_streamed_text_holds_back_what_may_start_a_call() -> None:

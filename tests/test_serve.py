@@ -9,7 +9,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import anyio
@@ -619,6 +619,16 @@ def test_response_format_json_schema_and_json_object(oai: openai.OpenAI, model: 
         "type": "json_schema", "json_schema": {"name": "vote", "schema": VOTE}})
     assert "".join(c.choices[0].delta.content or "" for c in streamed) \
         == reply.choices[0].message.content
+    # The client's own structured-output helper: a pydantic model's strict schema.
+    import pydantic
+
+    class Vote(pydantic.BaseModel):
+        choice: Literal["north", "south"]
+        sure: bool
+
+    parsed = oai.chat.completions.parse(model=model, max_tokens=40, response_format=Vote,
+                                        messages=[{"role": "user", "content": "Vote."}])
+    assert isinstance(parsed.choices[0].message.parsed, Vote)
     anything = _ask(oai, model, "Some JSON.", max_tokens=64,
                     response_format={"type": "json_object"})
     text = anything.choices[0].message.content or ""

@@ -51,7 +51,7 @@ from .._tools import (
     parse_tool_calls,
     tool_constraint,
 )
-from .._validate import check_id, check_message
+from .._validate import check_id, check_message, check_str
 from ..storage._catalog import AgentRecord
 from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
 from ._kv import TurnLease
@@ -576,9 +576,9 @@ class Agent:
         ``run`` answers its tools' results; submit it with ``_submit``."""
         message = check_message(text) if not results else ""
         for m in results:
-            if not isinstance(m, Message) or m.role not in ("user", "tool") \
-                    or not isinstance(m.content, str):
+            if not isinstance(m, Message) or m.role not in ("user", "tool"):
                 raise TypeError(f"a turn answers user or tool messages, got {m!r}")
+            check_str(m.content, f"a {m.role} message")
         constraint = make_constraint(schema, choices, regex)
         made: tuple[Tool, ...] = ()
         if tools is not None:

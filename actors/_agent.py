@@ -51,7 +51,7 @@ from .._tools import (
     parse_tool_calls,
     tool_constraint,
 )
-from .._validate import check_id, check_message
+from .._validate import check_id, check_message, check_str
 from ..storage._catalog import AgentRecord
 from ._engine import Engine, FinishEvent, PromptEvent, TurnChannel
 from ._kv import TurnLease
@@ -257,7 +257,8 @@ class AgentActor(Actor):
                 # The engine stopped under us: the runtime is closing.
                 raise RuntimeClosedError(f"agent {self.agent_id!r}: the runtime closed mid-turn")
             finish_reason: FinishReason = "stop" if finish.finish_reason == "stop" else "length"
-            data, calls = self._read(turn, finish, text, finish_reason)
+            data, calls = self._read(turn, finish, text, finish_reason,
+                                     len(prompt) - finish.reused)
             reply = Reply(
                 agent_id=self.agent_id,
                 text=text,
@@ -292,6 +293,7 @@ class AgentActor(Actor):
 
     def _read(
         self, turn: Turn, finish: FinishEvent, text: str, reason: FinishReason,
+        prompt_tokens: int,
     ) -> tuple[Any, tuple[ToolCall, ...]]:
         """A reply's value and tool calls; IncompleteReplyError (nothing committed) for a
         constrained value that did not complete."""
@@ -303,7 +305,8 @@ class AgentActor(Actor):
             raise IncompleteReplyError(
                 f"agent {self.agent_id!r}: the reply ended ({reason}) before its "
                 f"{'tool call' if constraint.kind == 'tools' else 'value'} was complete",
-                text=text, tokens=finish.tokens, finish_reason=reason)
+                text=text, tokens=finish.tokens, finish_reason=reason,
+                prompt_tokens=prompt_tokens, cached_tokens=finish.reused)
         if constraint is not None and constraint.kind in ("json", "choices", "regex"):
             try:
                 data = constraint.read(text)
@@ -565,8 +568,17 @@ class Agent:
         self, text: object, sampling: Sampling, schema: object,
         choices: Sequence[str] | None, regex: str | None,
         tools: Sequence[Tool | Callable[..., Any]] | None, tool_choice: str,
+        results: Sequence[Message] = (),
     ) -> Turn:
-        message = check_message(text)
+        """The turn ``say``/``stream`` submit. With ``results`` (the HTTP server's, for a
+        request that ends with tool results), the turn answers those messages (tool
+        results, and any user messages among them, in order) instead of ``text``, as
+        ``run`` answers its tools' results; submit it with ``_submit``."""
+        message = check_message(text) if not results else ""
+        for m in results:
+            if not isinstance(m, Message) or m.role not in ("user", "tool"):
+                raise TypeError(f"a turn answers user or tool messages, got {m!r}")
+            check_str(m.content, f"a {m.role} message")
         constraint = make_constraint(schema, choices, regex)
         made: tuple[Tool, ...] = ()
         if tools is not None:
@@ -577,7 +589,8 @@ class Agent:
                                  "when tool_choice='none'")
         elif tool_choice != "auto":
             raise ValueError(f"tool_choice {tool_choice!r} needs tools=")
-        return self._turn_with(message, sampling, constraint, made, tool_choice, ())
+        return self._turn_with(message, sampling, constraint, made, tool_choice,
+                               tuple(results))
 
     def _turn_with(
         self, message: str, sampling: Sampling, constraint: Constraint | None,

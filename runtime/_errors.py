@@ -75,14 +75,17 @@ class IncompleteReplyError(TroupeError):
     """A constrained turn (``schema=``, ``choices=``, ``regex=``, a required tool call)
     ended before its value was whole: ``max_tokens`` ran out, or a stop string cut it.
 
-    Carries ``text`` (the partial reply), ``tokens`` and ``finish_reason``. The turn is not
-    committed: the transcript is left as it was (as for a cancelled turn), so the caller
-    can try again with more ``max_tokens``.
+    Carries ``text`` (the partial reply), ``tokens`` and ``finish_reason``, and the turn's
+    ``prompt_tokens`` and ``cached_tokens`` as a Reply counts them (so that a server can
+    still report usage). The turn is not committed: the transcript is left as it was (as
+    for a cancelled turn), so the caller can try again with more ``max_tokens``.
     """
 
     def __init__(self, message: str, *, text: str, tokens: tuple[int, ...],
-                 finish_reason: str) -> None:
+                 finish_reason: str, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
         super().__init__(message)
         self.text = text
         self.tokens = tokens
         self.finish_reason = finish_reason
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens

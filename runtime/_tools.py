@@ -112,6 +112,18 @@ def check_tool_choice(choice: object, tools: tuple[Tool, ...]) -> str:
     return choice
 
 
+def tool_calls_text(calls: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """Calls as troupe's format writes them: the text a required call is constrained to
+    (``tool_constraint``: compact JSON, ``name`` then ``arguments``), so that calls a
+    client sends back (the HTTP server's resent assistant messages) render as the model
+    wrote them."""
+    return "\n".join(
+        f"{TOOL_CALL_START}\n"
+        + json.dumps({"name": name, "arguments": dict(arguments)}, separators=(",", ":"),
+                     ensure_ascii=False)
+        + f"\n{TOOL_CALL_END}" for name, arguments in calls)
+
+
 def _call_schema(tool: Tool) -> dict[str, Any]:
     return {"type": "object",
             "properties": {"name": {"const": tool.name}, "arguments": tool.parameters_schema},

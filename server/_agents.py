@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import Agent, Reply
+from .. import Agent, Message, Reply
 from ._app import state_of
 from ._errors import ApiError, error_body
 from ._http import get_bool, get_float, get_int, get_str, read_json
@@ -23,6 +23,7 @@ from ._turns import (
     api_error,
     open_stream,
     sampling,
+    say,
     structured_agents,
     usage_numbers,
 )
@@ -57,7 +58,9 @@ def _card(agent: Agent, *, transcript: bool = False) -> dict[str, Any]:
 def _reply(reply: Reply) -> dict[str, Any]:
     prompt, cached, completion = usage_numbers(reply)
     return {"object": "agent.reply", "agent_id": reply.agent_id, "text": reply.text,
-            "finish_reason": reply.finish_reason,
+            "finish_reason": reply.finish_reason, "data": reply.data,
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                           for c in reply.tool_calls],
             "usage": {"prompt_tokens": prompt, "cached_tokens": cached,
                       "completion_tokens": completion}}
 
@@ -128,9 +131,16 @@ async def fork(request: Request) -> Response:
 async def turn(request: Request) -> Response:
     state = state_of(request)
     body = await read_json(request, state.options.max_body_bytes)
-    structured_agents(body)
+    structure = structured_agents(body)
     message = get_str(body, "message")
-    if message is None:
+    results = body.get("tool_results")
+    if results is not None:
+        # The turn answers the tools' results (as Agent.run's next turn), not a message.
+        if message is not None or not isinstance(results, list) or not results \
+                or not all(isinstance(r, str) for r in results):
+            raise ApiError(400, "tool_results: a non-empty array of strings, instead of "
+                           "message", param="tool_results")
+    elif message is None:
         raise ApiError(400, "message: a string is required", param="message")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str | list):
@@ -142,21 +152,19 @@ async def turn(request: Request) -> Response:
         get_int(body, "seed", 0, MAX_SEED), stop)
     agent_id = request.path_params["agent_id"]
     await state.rt.get(agent_id)  # 404 now, before any stream starts
-    conversation = Conversation("", (), (), message, agent_id)
+    conversation = Conversation("", (), (), message or "", agent_id,
+                                tuple(Message("tool", r) for r in results or ()))
     state.admit()
     if not get_bool(body, "stream"):
         try:
-            agent = await state.rt.get(agent_id)
-            reply = await agent.say(message, max_tokens=options.max_tokens,
-                                    temperature=options.temperature, top_p=options.top_p,
-                                    seed=options.seed, stop=options.stop)
+            reply = await say(state.conversations, conversation, options, structure)
         finally:
             state.release()
         return JSONResponse(_reply(reply))
     started = time.perf_counter()
     try:
         opened = await open_stream(state.conversations, conversation, options,
-                                   on_close=state.release)
+                                   on_close=state.release, structure=structure)
     except BaseException:
         state.release()
         raise
@@ -166,8 +174,8 @@ async def turn(request: Request) -> Response:
         try:
             async for delta in opened.rest():
                 yield data({"object": "agent.delta", "delta": delta})
-            assert opened.stream.reply is not None
-            yield data(_reply(opened.stream.reply))
+            assert opened.reply is not None
+            yield data(_reply(opened.reply))
             yield DONE
         except Exception as exc:
             error = api_error(exc) or ApiError(500, "the turn failed")

@@ -14,22 +14,38 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .. import Agent, AgentNotFoundError, Message, Reply, Runtime, Sampling, TroupeError
+from .. import (
+    Agent,
+    AgentNotFoundError,
+    Message,
+    Reply,
+    Runtime,
+    Sampling,
+    ToolCall,
+    TroupeError,
+)
 from ._app import ServerState, state_of
 from ._errors import ApiError, error_body, unsupported
 from ._http import get_bool, get_dict, get_float, get_int, get_list, get_str, read_json
 from ._sse import DONE, EventStream, data, event
 from ._turns import (
+    CallFilter,
     Conversation,
     OpenStream,
+    Structure,
     api_error,
+    arguments_json,
+    call_arguments,
+    call_name,
     open_stream,
+    reply_text,
     sampling,
     say,
     split_turn,
     structured_openai,
     text_of,
     usage_numbers,
+    with_calls,
 )
 
 DEFAULT_MAX_TOKENS = 512
@@ -77,8 +93,7 @@ def named_agent(request: Request, body: dict[str, Any]) -> str | None:
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
-    """What needs typed replies and tools (not in this server yet) is refused, not dropped."""
-    structured_openai(body)
+    """What this server does not serve is refused, not dropped."""
     if get_bool(body, "logprobs"):
         raise unsupported("logprobs", "logprobs")
     if get_int(body, "n", 1, 128, 1) != 1:
@@ -89,7 +104,12 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
 
 
 def _messages(items: list[Any], param: str) -> tuple[str, list[Message]]:
-    """(system, the other messages) of OpenAI's message list."""
+    """(system, the other messages) of OpenAI's message list (chat completions) or input
+    items (the Responses API's, ``function_call`` and ``function_call_output`` included).
+
+    An assistant message's tool calls are written into its text in troupe's
+    ``<tool_call>`` format; a tool result becomes a tool message (its ``tool_call_id`` is
+    not kept: results follow their calls in order, as templates render them)."""
     system: list[str] = []
     messages: list[Message] = []
     for i, item in enumerate(items):
@@ -97,18 +117,55 @@ def _messages(items: list[Any], param: str) -> tuple[str, list[Message]]:
         if not isinstance(item, dict):
             raise ApiError(400, f"{where} must be an object", param=param, code="invalid_value")
         role = item.get("role")
-        if item.get("type") not in (None, "message"):
-            raise unsupported(f"{where}: items of type {item.get('type')!r}", param)
-        if role in ("tool", "function") or item.get("tool_calls") or item.get("function_call"):
-            raise unsupported(f"{where}: tool calls and tool results", param)
+        kind = item.get("type")
+        if kind == "function_call":
+            call = [(call_name(item.get("name"), where, param),
+                     call_arguments(item.get("arguments"), where, param))]
+            if messages and messages[-1].role == "assistant":
+                # A response's calls come as items of their own after its message.
+                messages[-1] = Message("assistant", with_calls(messages[-1].content, call))
+            else:
+                messages.append(Message("assistant", with_calls("", call)))
+            continue
+        if kind == "function_call_output":
+            messages.append(Message("tool", text_of(item.get("output"), f"{where}.output")))
+            continue
+        if kind not in (None, "message"):
+            raise unsupported(f"{where}: items of type {kind!r}", param)
+        if role == "function" or item.get("function_call"):
+            raise unsupported(f"{where}: function messages (use tools)", param)
         if role in ("system", "developer"):
             system.append(text_of(item.get("content"), f"{where}.content"))
-        elif role in ("user", "assistant"):
+        elif role == "user":
+            messages.append(Message(role, text_of(item.get("content"), f"{where}.content")))
+        elif role == "assistant":
+            calls = _calls(item.get("tool_calls"), f"{where}.tool_calls", param)
+            content = item.get("content")
+            text = "" if content is None and calls else text_of(content, f"{where}.content")
+            messages.append(Message(role, with_calls(text, calls)))
+        elif role == "tool":
             messages.append(Message(role, text_of(item.get("content"), f"{where}.content")))
         else:
-            raise ApiError(400, f"{where}.role must be system, developer, user or assistant, "
-                           f"got {role!r}", param=param, code="invalid_value")
+            raise ApiError(400, f"{where}.role must be system, developer, user, assistant or "
+                           f"tool, got {role!r}", param=param, code="invalid_value")
     return "\n\n".join(system), messages
+
+
+def _calls(value: object, where: str, param: str) -> list[tuple[str, dict[str, Any]]]:
+    """An assistant message's ``tool_calls``: (name, arguments) in order."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be an array", param=param, code="invalid_value")
+    calls = []
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise ApiError(400, f"{where}[{i}].function must be an object", param=param,
+                           code="invalid_value")
+        calls.append((call_name(function.get("name"), f"{where}[{i}]", param),
+                      call_arguments(function.get("arguments"), f"{where}[{i}]", param)))
+    return calls
 
 
 def _sampling(state: ServerState, body: dict[str, Any], *names: str) -> Sampling:
@@ -146,6 +203,7 @@ async def chat_completions(request: Request) -> Response:
     body = await read_json(request, state.options.max_body_bytes)
     state.check_model(body.get("model"))
     _refuse_unsupported(body)
+    structure = structured_openai(body)
     items = get_list(body, "messages")
     if not items:
         raise ApiError(400, "messages must be a non-empty array", param="messages",
@@ -161,31 +219,48 @@ async def chat_completions(request: Request) -> Response:
     state.admit()
     if not stream:
         try:
-            reply = await say(state.conversations, conversation, options)
+            reply = await say(state.conversations, conversation, options, structure)
         finally:
             state.release()
+        message: dict[str, Any] = {
+            "role": "assistant", "refusal": None,
+            "content": reply_text(reply, state.conversations.call_starts)}
+        if reply.tool_calls:
+            message["tool_calls"] = _tool_calls(reply)
         return JSONResponse({
             "id": ident, "object": "chat.completion", "created": created,
             "model": state.model_id, "system_fingerprint": None,
-            "choices": [{"index": 0, "finish_reason": reply.finish_reason, "logprobs": None,
-                         "message": {"role": "assistant", "content": reply.text,
-                                     "refusal": None}}],
+            "choices": [{"index": 0, "finish_reason": _finish(reply), "logprobs": None,
+                         "message": message}],
             "usage": usage(reply),
         })
-    return await _chat_stream(state, conversation, options, ident, created, include_usage)
+    return await _chat_stream(state, conversation, options, structure, ident, created,
+                              include_usage)
+
+
+def _finish(reply: Reply) -> str:
+    return "tool_calls" if reply.tool_calls else reply.finish_reason
+
+
+def _tool_calls(reply: Reply, *, indexed: bool = False) -> list[dict[str, Any]]:
+    """A reply's calls in OpenAI's shape (``indexed``: as stream deltas)."""
+    return [{**({"index": i} if indexed else {}), "id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": arguments_json(call)}}
+            for i, call in enumerate(reply.tool_calls)]
 
 
 async def _chat_stream(
-    state: ServerState, conversation: Conversation, options: Sampling, ident: str,
-    created: int, include_usage: bool,
+    state: ServerState, conversation: Conversation, options: Sampling, structure: Structure,
+    ident: str, created: int, include_usage: bool,
 ) -> Response:
     started = time.perf_counter()
     try:
         opened = await open_stream(state.conversations, conversation, options,
-                                   on_close=state.release)
+                                   on_close=state.release, structure=structure)
     except BaseException:
         state.release()
         raise
+    calls = CallFilter(structure, state.conversations.call_starts)
     state.metrics.ttft.observe(time.perf_counter() - started)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -206,10 +281,18 @@ async def _chat_stream(
                 now = time.perf_counter()
                 state.metrics.inter_token.observe(now - last)
                 last = now
-                yield chunk({"content": delta})
-            reply = opened.stream.reply
+                text = calls.feed(delta)
+                if text:
+                    yield chunk({"content": text})
+            reply = opened.reply
             assert reply is not None
-            yield chunk({}, reply.finish_reason)
+            held = calls.rest(reply)
+            if held:
+                yield chunk({"content": held})
+            if reply.tool_calls:
+                # Each call whole, in one delta, once the reply is in (as many servers do).
+                yield chunk({"tool_calls": _tool_calls(reply, indexed=True)})
+            yield chunk({}, _finish(reply))
             if include_usage:
                 yield data({"id": ident, "object": "chat.completion.chunk", "created": created,
                             "model": state.model_id, "choices": [], "usage": usage(reply)})
@@ -285,12 +368,13 @@ async def _chain(
         return _Chain(chain, conversation, False, False)
     await rt._spawn_with(chain, system, [
         *conversation.history, *(Message("user", t) for t in conversation.told)])
-    return _Chain(chain, Conversation("", (), (), conversation.last, chain), True, True)
+    return _Chain(chain, attrs.evolve(conversation, system="", history=(), told=(),
+                                      agent_id=chain), True, True)
 
 
 def _response(
     state: ServerState, rid: str, body: dict[str, Any], options: Sampling,
-    reply: Reply | None, item: dict[str, Any] | None,
+    reply: Reply | None, items: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The response object; ``reply`` None: one still in progress."""
     incomplete = reply is not None and reply.finish_reason == "length"
@@ -312,9 +396,27 @@ def _response(
         "store": get_bool(body, "store", True),
         "temperature": options.temperature, "top_p": options.top_p,
         "max_output_tokens": options.max_tokens, "parallel_tool_calls": False,
-        "tool_choice": "none", "tools": [], "text": {"format": {"type": "text"}},
-        "metadata": {}, "output": [item] if item is not None else [], "usage": usage,
+        "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
+        "tools": body.get("tools") or [],
+        "text": {"format": (get_dict(body, "text") or {}).get("format") or {"type": "text"}},
+        "metadata": {}, "output": items, "usage": usage,
     }
+
+
+def _call_item(call: ToolCall, arguments: str | None = None) -> dict[str, Any]:
+    """A function_call output item (``arguments`` None: complete, else in progress)."""
+    return {"type": "function_call", "id": f"fc_{call.id}", "call_id": call.id,
+            "name": call.name, "arguments": arguments_json(call) if arguments is None
+            else arguments, "status": "completed" if arguments is None else "in_progress"}
+
+
+def _output(state: ServerState, msg_id: str, reply: Reply) -> list[dict[str, Any]]:
+    """A response's output items: its message (unless it is only calls), then its calls."""
+    status = "incomplete" if reply.finish_reason == "length" else "completed"
+    text = reply_text(reply, state.conversations.call_starts)
+    items = [_message_item(msg_id, text or "", status)] if text is not None \
+        or not reply.tool_calls else []
+    return items + [_call_item(call) for call in reply.tool_calls]
 
 
 def _message_item(ident: str, text: str, status: str) -> dict[str, Any]:
@@ -328,6 +430,7 @@ async def responses(request: Request) -> Response:
     body = await read_json(request, state.options.max_body_bytes)
     state.check_model(body.get("model"))
     _refuse_unsupported(body)
+    structure = structured_openai(body, responses=True)
     if body.get("background"):
         raise unsupported("background", "background")
     options = _sampling(state, body, "max_output_tokens")
@@ -347,34 +450,34 @@ async def responses(request: Request) -> Response:
     msg_id = f"msg_{secrets.token_hex(12)}"
     if not stream:
         try:
-            reply = await say(state.conversations, chain.conversation, options)
+            reply = await say(state.conversations, chain.conversation, options, structure)
         except BaseException:
             await chain.failed(rt)
             raise
         finally:
             state.release()
         rid = f"{chain.chain}_{await chain.turns(rt)}"
-        status = "incomplete" if reply.finish_reason == "length" else "completed"
         return JSONResponse(_response(state, rid, body, options, reply,
-                                      _message_item(msg_id, reply.text, status)))
+                                      _output(state, msg_id, reply)))
     started = time.perf_counter()
     try:
         opened = await open_stream(state.conversations, chain.conversation, options,
-                                   on_close=state.release)
+                                   on_close=state.release, structure=structure)
     except BaseException:
         state.release()
         await chain.failed(rt)
         raise
     state.metrics.ttft.observe(time.perf_counter() - started)
-    return EventStream(_response_events(state, chain, opened, body, options, msg_id),
-                       opened.aclose)
+    return EventStream(_response_events(state, chain, opened, body, options, structure,
+                                        msg_id), opened.aclose)
 
 
 async def _response_events(
     state: ServerState, chain: _Chain, opened: OpenStream, body: dict[str, Any],
-    options: Sampling, msg_id: str,
+    options: Sampling, structure: Structure, msg_id: str,
 ) -> AsyncGenerator[bytes, None]:
-    """OpenAI's event sequence for a streamed response."""
+    """OpenAI's event sequence for a streamed response: the message item (opened at once,
+    or, when the reply may call tools, at its first text), then each call's item whole."""
     seq = 0
 
     def emit(kind: str, **fields: Any) -> bytes:
@@ -382,30 +485,66 @@ async def _response_events(
         seq += 1
         return event(kind, {"type": kind, "sequence_number": seq, **fields})
 
+    part = {"type": "output_text", "text": "", "annotations": []}
+    opened_message = False
+    said: list[str] = []
+
+    def open_message() -> list[bytes]:
+        nonlocal opened_message
+        opened_message = True
+        return [emit("response.output_item.added", output_index=0,
+                     item=_message_item(msg_id, "", "")),
+                emit("response.content_part.added", item_id=msg_id, output_index=0,
+                     content_index=0, part=part)]
+
+    def text(delta: str) -> list[bytes]:
+        if not delta:
+            return []
+        said.append(delta)
+        return [*([] if opened_message else open_message()),
+                emit("response.output_text.delta", item_id=msg_id, output_index=0,
+                     content_index=0, delta=delta, logprobs=[])]
+
+    calls = CallFilter(structure, state.conversations.call_starts)
     # The id is known once the turn is in: the chain's turns then.
     rid = f"{chain.chain}_{await chain.turns(state.rt) + 1 if chain.stored else 1}"
     try:
-        started = _response(state, rid, body, options, None, None)
+        started = _response(state, rid, body, options, None, [])
         yield emit("response.created", response=started)
         yield emit("response.in_progress", response=started)
-        yield emit("response.output_item.added", output_index=0,
-                   item=_message_item(msg_id, "", ""))
-        part = {"type": "output_text", "text": "", "annotations": []}
-        yield emit("response.content_part.added", item_id=msg_id, output_index=0,
-                   content_index=0, part=part)
+        if not structure.calls:
+            for out in open_message():
+                yield out
         async for delta in opened.rest():
-            yield emit("response.output_text.delta", item_id=msg_id, output_index=0,
-                       content_index=0, delta=delta, logprobs=[])
-        reply = opened.stream.reply
+            for out in text(calls.feed(delta)):
+                yield out
+        reply = opened.reply
         assert reply is not None
-        yield emit("response.output_text.done", item_id=msg_id, output_index=0,
-                   content_index=0, text=reply.text, logprobs=[])
-        yield emit("response.content_part.done", item_id=msg_id, output_index=0,
-                   content_index=0, part={**part, "text": reply.text})
+        for out in text(calls.rest(reply)):
+            yield out
         status = "incomplete" if reply.finish_reason == "length" else "completed"
-        item = _message_item(msg_id, reply.text, status)
-        yield emit("response.output_item.done", output_index=0, item=item)
-        final = _response(state, rid, body, options, reply, item)
+        items = []
+        if opened_message or not reply.tool_calls:
+            for out in [] if opened_message else open_message():
+                yield out
+            whole = "".join(said)
+            yield emit("response.output_text.done", item_id=msg_id, output_index=0,
+                       content_index=0, text=whole, logprobs=[])
+            yield emit("response.content_part.done", item_id=msg_id, output_index=0,
+                       content_index=0, part={**part, "text": whole})
+            items.append(_message_item(msg_id, whole, status))
+            yield emit("response.output_item.done", output_index=0, item=items[-1])
+        for call in reply.tool_calls:
+            index, item = len(items), _call_item(call)
+            yield emit("response.output_item.added", output_index=index,
+                       item=_call_item(call, ""))
+            yield emit("response.function_call_arguments.delta", item_id=item["id"],
+                       output_index=index, delta=item["arguments"])
+            yield emit("response.function_call_arguments.done", item_id=item["id"],
+                       output_index=index, arguments=item["arguments"])
+            items.append(item)
+            yield emit("response.output_item.done", output_index=index, item=item)
+        final = _response(state, rid, body, options, reply, items)
         yield emit(f"response.{status}", response=final)
     except Exception as exc:
         error = api_error(exc) or ApiError(500, "the turn failed", code="server_error")
@@ -437,7 +576,7 @@ async def get_response(request: Request) -> Response:
             "previous_response_id": response_id.rpartition("_")[0] + f"_{turns - 1}"
             if turns > 1 else None}
     item = _message_item(f"msg_{response_id}", replies[turns - 1], "completed")
-    response = _response(state, response_id, body, Sampling(), None, item)
+    response = _response(state, response_id, body, Sampling(), None, [item])
     response["status"] = "completed"
     return JSONResponse(response)
 

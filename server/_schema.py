@@ -16,6 +16,17 @@ _TEXT_PARTS = {"type": "array", "items": {"type": "object", "required": ["type",
                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": _STR}}}
 _CONTENT = {"oneOf": [_STR, _TEXT_PARTS]}
 _STOP = {"oneOf": [_STR, {"type": "array", "items": _STR, "maxItems": 16}]}
+# Tools and response formats: JSON Schemas are objects the grammar engine compiles (a 400
+# for one it cannot).
+_FUNCTION_FIELDS: dict[str, Any] = {
+    "name": _STR, "description": _STR, "parameters": {"type": "object"}}
+_FUNCTION = {"type": "object", "required": ["name"], "properties": _FUNCTION_FIELDS}
+_CHOICE = {"type": "string", "enum": ["auto", "none", "required"]}
+_JSON_SCHEMA_FIELDS: dict[str, Any] = {
+    "name": _STR, "schema": {"type": "object"}, "strict": {"type": "boolean"}}
+_JSON_SCHEMA = {"type": "object", "required": ["name", "schema"],
+                "properties": _JSON_SCHEMA_FIELDS}
+_FORMAT_TYPE = {"type": "string", "enum": ["text", "json_object", "json_schema"]}
 _ERROR = {"description": "an error, in the API's own shape",
           "content": {"application/json": {"schema": {"type": "object"}}}}
 _OK = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
@@ -44,8 +55,14 @@ _AGENT_ID = [{"name": "agent_id", "in": "path", "required": True, "schema": _STR
 def document(model: str) -> dict[str, Any]:
     chat_messages: dict[str, Any] = {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["role", "content"], "properties": {
-            "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-            "content": _CONTENT}}}
+            "role": {"type": "string",
+                     "enum": ["system", "developer", "user", "assistant", "tool"]},
+            "content": _CONTENT, "tool_call_id": _STR,
+            "tool_calls": {"type": "array", "items": {
+                "type": "object", "required": ["id", "type", "function"], "properties": {
+                    "id": _STR, "type": {"type": "string", "enum": ["function"]},
+                    "function": {"type": "object", "required": ["name", "arguments"],
+                                 "properties": {"name": _STR, "arguments": _STR}}}}}}}}
     chat: dict[str, Any] = {"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string", "enum": [model]},
         "messages": chat_messages,
@@ -57,6 +74,16 @@ def document(model: str) -> dict[str, Any]:
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object",
                            "properties": {"include_usage": {"type": "boolean"}}},
+        "tools": {"type": "array", "items": {
+            "type": "object", "required": ["type", "function"], "properties": {
+                "type": {"type": "string", "enum": ["function"]}, "function": _FUNCTION}}},
+        "tool_choice": {"oneOf": [_CHOICE, {
+            "type": "object", "required": ["type", "function"], "properties": {
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name"],
+                             "properties": {"name": _STR}}}}]},
+        "response_format": {"type": "object", "required": ["type"], "properties": {
+            "type": _FORMAT_TYPE, "json_schema": _JSON_SCHEMA}},
         "user": _STR}}
     responses = {"type": "object", "required": ["model", "input"], "properties": {
         "model": {"type": "string", "enum": [model]},
@@ -65,7 +92,16 @@ def document(model: str) -> dict[str, Any]:
         "max_output_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "store": {"type": "boolean"}, "stream": {"type": "boolean"}}}
+        "store": {"type": "boolean"}, "stream": {"type": "boolean"},
+        "tools": {"type": "array", "items": {
+            "type": "object", "required": ["type", "name"], "properties": {
+                **_FUNCTION_FIELDS, "type": {"type": "string", "enum": ["function"]}}}},
+        "tool_choice": {"oneOf": [_CHOICE, {
+            "type": "object", "required": ["type", "name"], "properties": {
+                "type": {"type": "string", "enum": ["function"]}, "name": _STR}}]},
+        "text": {"type": "object", "properties": {"format": {
+            "type": "object", "required": ["type"], "properties": {
+                "type": _FORMAT_TYPE, **_JSON_SCHEMA_FIELDS}}}}}}
     anthropic_messages = {"type": "array", "minItems": 1, "items": {
         "type": "object", "required": ["role", "content"], "properties": {
             "role": {"type": "string", "enum": ["user", "assistant"]}, "content": _CONTENT}}}
@@ -77,12 +113,22 @@ def document(model: str) -> dict[str, Any]:
                     "temperature": {"type": "number", "minimum": 0, "maximum": 1},
                     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                     "stop_sequences": {"type": "array", "items": _STR, "maxItems": 16},
-                    "stream": {"type": "boolean"}}}
+                    "stream": {"type": "boolean"},
+                    "tools": {"type": "array", "items": {
+                        "type": "object", "required": ["name", "input_schema"],
+                        "properties": {"name": _STR, "description": _STR,
+                                       "input_schema": {"type": "object"}}}},
+                    "tool_choice": {"type": "object", "required": ["type"], "properties": {
+                        "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
+                        "name": _STR}}}}
     count = {"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string", "enum": [model]}, "messages": anthropic_messages,
         "system": _CONTENT}}
-    turn = {"type": "object", "required": ["message"], "properties": {
-        "message": _STR, "max_tokens": {"type": "integer", "minimum": 1},
+    turn = {"type": "object", "properties": {
+        "message": _STR, "tool_results": {"type": "array", "items": _STR, "minItems": 1},
+        "schema": {"type": "object"}, "choices": {"type": "array", "items": _STR},
+        "regex": _STR, "tools": {"type": "array", "items": _FUNCTION},
+        "tool_choice": _STR, "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "seed": {"type": "integer", "minimum": 0}, "stop": _STOP,

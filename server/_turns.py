@@ -2,9 +2,10 @@
 short-lived one holding the request's conversation), what it is told, how it samples,
 and which troupe errors become which HTTP statuses.
 
-Tools, tool results and structured output (``response_format``) are refused here with a
-400 until troupe's Python API has typed replies and tools; wiring them is this module's
-job then.
+Tools, tool results and structured output map onto troupe's typed replies and tools
+(``Agent.say(schema=, tools=, tool_choice=)``): each API's fields become a ``Structure``
+(the parsers live here too), a request that ends with tool results becomes a turn that
+answers them, and the calls in a reply are told apart from its text here.
 """
 
 from __future__ import annotations
@@ -25,44 +26,59 @@ from .. import (
     AgentFailedError,
     AgentNotFoundError,
     ContextLengthError,
+    IncompleteReplyError,
     Message,
     Reply,
     ReplyStream,
     Runtime,
     RuntimeClosedError,
     Sampling,
+    Tool,
+    ToolCall,
     TroupeError,
 )
+from .._records import FinishReason
+from .._schema import make_constraint
+from .._tools import TOOL_CALL_START, tool_calls_text
+from ..actors._agent import Turn
 from ._errors import ApiError, unsupported
 
 
 @attrs.frozen
 class Conversation:
     """What one request asks: ``history`` then ``told`` then ``last`` (the message the
-    reply answers). ``agent_id``: speak as that agent (it has its own history; only
-    ``told`` and ``last`` are sent to it)."""
+    reply answers), or, when ``results`` is not empty, ``history`` then the turn answering
+    ``results`` (tool results, and any user messages among them; ``told`` and ``last``
+    are empty then). ``agent_id``: speak as that agent (it has its own history; only
+    ``told`` and ``last``, or ``results``, are sent to it)."""
 
     system: str
     history: tuple[Message, ...]
     told: tuple[str, ...]
     last: str
     agent_id: str | None = None
+    results: tuple[Message, ...] = ()
 
 
 def split_turn(
     system: str, messages: Sequence[Message], agent_id: str | None, param: str = "messages"
 ) -> Conversation:
-    """The request's messages as a conversation: they must end with a user message; the
-    user messages after the last assistant one are what is new."""
-    if not messages or messages[-1].role != "user":
-        raise ApiError(400, f"{param}: the last message must be the user's", param=param,
-                       code="invalid_value")
+    """The request's messages as a conversation: they must end with a user message or a
+    tool result; the messages after the last assistant one are what is new. New user
+    messages only: all but the last are told, the last is the turn; new tool results
+    (maybe with user messages): the turn answers them all, as ``Agent.run`` answers its
+    tools' results."""
+    if not messages or messages[-1].role not in ("user", "tool"):
+        raise ApiError(400, f"{param}: the last message must be the user's or a tool "
+                       "result", param=param, code="invalid_value")
     first_new = len(messages)
-    while first_new > 0 and messages[first_new - 1].role == "user":
+    while first_new > 0 and messages[first_new - 1].role in ("user", "tool"):
         first_new -= 1
+    history = tuple(messages[:first_new])
+    if any(m.role == "tool" for m in messages[first_new:]):
+        return Conversation(system, history, (), "", agent_id, tuple(messages[first_new:]))
     new = [m.content for m in messages[first_new:]]
-    return Conversation(system, tuple(messages[:first_new]), tuple(new[:-1]), new[-1],
-                        agent_id)
+    return Conversation(system, history, tuple(new[:-1]), new[-1], agent_id)
 
 
 def sampling(
@@ -101,6 +117,13 @@ class Conversations:
         self.capacity = capacity
         self._idle: collections.OrderedDict[bytes, Agent] = collections.OrderedDict()
         self.resumed = 0
+
+    @property
+    def call_starts(self) -> tuple[str, ...]:
+        """The markers a tool call starts with: troupe's format (a constrained call), and
+        the model's own where mlx-lm has a parser for it (a free one)."""
+        native = self.rt._services.renderer.tool_parser
+        return tuple({TOOL_CALL_START, *([native[1]] if native and native[1] else [])})
 
     @property
     def kept(self) -> int:
@@ -164,11 +187,58 @@ class Conversations:
                     await self._delete(agent)
 
 
-async def say(speakers: Conversations, conversation: Conversation, options: Sampling) -> Reply:
+@attrs.frozen
+class Structure:
+    """What a request constrains its turn to: a JSON Schema (``response_format``,
+    ``text.format``), tools without functions (the client calls them) and the tool
+    choice (``"auto"``, ``"required"``, ``"none"`` or a tool's name)."""
+
+    schema: dict[str, Any] | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    choices: tuple[str, ...] | None = None
+    """The agents API's ``choices`` and ``regex`` (as ``Agent.say``'s)."""
+    regex: str | None = None
+
+    @property
+    def forced(self) -> bool:
+        """Whether the reply can only be tool calls."""
+        return bool(self.tools) and self.tool_choice not in ("auto", "none")
+
+    @property
+    def calls(self) -> bool:
+        """Whether the reply may hold tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+FREE = Structure()
+
+
+def _turn(agent: Agent, conversation: Conversation, options: Sampling,
+          structure: Structure) -> Turn:
+    return agent._turn(conversation.last, options, structure.schema, structure.choices,
+                       structure.regex, structure.tools or None, structure.tool_choice,
+                       conversation.results)
+
+
+def incomplete_reply(agent: Agent, exc: IncompleteReplyError) -> Reply:
+    """A constrained reply that ``max_tokens`` (or a stop string) cut before its value was
+    whole, as the APIs report it: the partial text, finished by ``length`` (or ``stop``),
+    with no value and no calls (troupe committed nothing)."""
+    reason: FinishReason = "stop" if exc.finish_reason == "stop" else "length"
+    return Reply(agent_id=agent.id, text=exc.text, tokens=exc.tokens,
+                 prompt_tokens=exc.prompt_tokens, cached_tokens=exc.cached_tokens,
+                 finish_reason=reason)
+
+
+async def say(speakers: Conversations, conversation: Conversation, options: Sampling,
+              structure: Structure = FREE) -> Reply:
     async with speakers.speaker(conversation) as agent:
-        return await agent.say(conversation.last, max_tokens=options.max_tokens,
-                               temperature=options.temperature, top_p=options.top_p,
-                               seed=options.seed, stop=options.stop)
+        turn = _turn(agent, conversation, options, structure)
+        try:
+            return await (await agent._submit(turn)).result()
+        except IncompleteReplyError as exc:
+            return incomplete_reply(agent, exc)
 
 
 @attrs.define
@@ -179,16 +249,26 @@ class OpenStream:
 
     first: str | None
     stream: ReplyStream
+    _agent: Agent
     _stack: contextlib.AsyncExitStack
     _on_close: Callable[[], None]
     _closed: bool = False
+    _incomplete: Reply | None = None
+
+    @property
+    def reply(self) -> Reply | None:
+        """The reply once the deltas ended (an incomplete constrained one included)."""
+        return self._incomplete or self.stream.reply
 
     async def rest(self) -> AsyncIterator[str]:
         if self.first is None:
             return
         yield self.first
-        async for delta in self.stream:
-            yield delta
+        try:
+            async for delta in self.stream:
+                yield delta
+        except IncompleteReplyError as exc:
+            self._incomplete = incomplete_reply(self._agent, exc)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -203,25 +283,27 @@ class OpenStream:
 
 async def open_stream(
     speakers: Conversations, conversation: Conversation, options: Sampling,
-    on_close: Callable[[], None],
+    on_close: Callable[[], None], structure: Structure = FREE,
 ) -> OpenStream:
     """The turn, started, and its first delta; ``on_close`` runs when it is closed (not
     if this raises)."""
     stack = contextlib.AsyncExitStack()
+    incomplete = None
     try:
         agent = await stack.enter_async_context(speakers.speaker(conversation))
-        stream = await stack.enter_async_context(agent.stream(
-            conversation.last, max_tokens=options.max_tokens, temperature=options.temperature,
-            top_p=options.top_p, seed=options.seed, stop=options.stop))
+        stream = await stack.enter_async_context(
+            ReplyStream(agent._submit, _turn(agent, conversation, options, structure)))
         try:
             first: str | None = await stream.__anext__()
         except StopAsyncIteration:
             first = None
+        except IncompleteReplyError as exc:
+            first, incomplete = None, incomplete_reply(agent, exc)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await stack.aclose()
         raise
-    return OpenStream(first, stream, stack, on_close)
+    return OpenStream(first, stream, agent, stack, on_close, incomplete=incomplete)
 
 
 def usage_numbers(reply: Reply) -> tuple[int, int, int]:
@@ -250,52 +332,259 @@ def api_error(exc: BaseException) -> ApiError | None:
     return None
 
 
-# -- typed replies and tools: where issue 19's Python API gets wired in ----------------------
-#
-# Each API's tools, tool_choice and structured-output fields are read here, and nowhere
-# else. Until troupe's agents take ``schema=``, ``tools=`` and ``tool_choice=`` (and
-# ``Message(role="tool")``), a request that uses them is refused with a 400 in the API's
-# shape. Wiring them means: return the translated arguments from these functions, pass
-# them to ``Agent.say``/``stream`` in ``say``/``open_stream``, accept tool messages and
-# tool_use/tool_result blocks in ``text_of``'s callers, and render ``reply.tool_calls``.
+# -- typed replies and tools: each API's fields as troupe's ``schema=``, ``tools=`` and
+# ``tool_choice=``, and the calls of a reply told apart from its text.
 
-def structured_openai(body: dict[str, Any]) -> None:
-    """OpenAI's ``tools``, ``functions``, ``tool_choice``, ``response_format`` and the
-    Responses API's ``text.format``."""
-    if body.get("tools"):
-        raise unsupported("tools", "tools")
-    if body.get("functions"):
-        raise unsupported("functions", "functions")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise unsupported("tool_choice", "tool_choice")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict):
-            raise ApiError(400, "response_format must be an object", param="response_format",
+def _schema_of(schema: object, param: str) -> dict[str, Any]:
+    """A request's JSON Schema, compiled now (and cached: the turn reuses it), so that
+    one the grammar engine cannot compile is a 400 before any turn starts."""
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"{param} must be a JSON Schema object", param=param,
+                       code="invalid_value")
+    try:
+        make_constraint(schema=schema)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, f"{param}: {exc}", param=param, code="invalid_schema") from None
+    return schema
+
+
+def _tool(spec: dict[str, Any], schema_field: str, where: str) -> Tool:
+    parameters = spec.get(schema_field)
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    description = spec.get("description")
+    try:
+        tool = Tool(spec.get("name"), "" if description is None else description,  # type: ignore[arg-type]
+                    parameters)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, f"{where}: {exc}", param="tools", code="invalid_value") from None
+    _schema_of(tool.parameters_schema, f"{where}.{schema_field}")
+    return tool
+
+
+def _structure(schema: dict[str, Any] | None, tools: list[Tool], choice: str) -> Structure:
+    names = [t.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ApiError(400, f"tools: names must be unique, got {names}", param="tools",
+                       code="invalid_value")
+    if not tools:
+        if choice not in ("auto", "none"):
+            raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice",
                            code="invalid_value")
-        if response_format.get("type") not in (None, "text"):
-            raise unsupported(f"response_format {response_format.get('type')!r}",
-                              "response_format")
-    text = body.get("text")
-    if isinstance(text, dict):
-        fmt = text.get("format")
-        if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-            raise unsupported(f"text.format {fmt.get('type')!r}", "text")
+        return Structure(schema)
+    if choice not in ("auto", "none", "required") and choice not in names:
+        raise ApiError(400, f"tool_choice names no tool given: {choice!r}",
+                       param="tool_choice", code="invalid_value")
+    if schema is not None and choice != "none":
+        # A reply is constrained to a schema or to tool calls, not to either at once.
+        raise ApiError(400, "a response format combines with tools only when tool_choice "
+                       "is 'none'", param="tool_choice", code="unsupported")
+    return Structure(schema, tuple(tools), choice)
 
 
-def structured_anthropic(body: dict[str, Any]) -> None:
-    """Anthropic's ``tools`` and ``tool_choice`` (tool_use/tool_result blocks: ``text_of``)."""
-    if body.get("tools"):
-        raise unsupported("tools", "tools")
-    if body.get("tool_choice") is not None:
-        raise unsupported("tool_choice", "tool_choice")
+def _openai_format(fmt: object, param: str, *, flat: bool) -> dict[str, Any] | None:
+    """``response_format`` (``flat``: the Responses API's ``text.format``) as a schema."""
+    if not isinstance(fmt, dict):
+        raise ApiError(400, f"{param} must be an object", param=param, code="invalid_value")
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return _schema_of({"type": "object"}, param)
+    if kind == "json_schema":
+        spec = fmt if flat else fmt.get("json_schema")
+        where = f"{param}.schema" if flat else f"{param}.json_schema.schema"
+        if not isinstance(spec, dict):
+            raise ApiError(400, f"{param}.json_schema must be an object", param=param,
+                           code="invalid_value")
+        # ``strict`` or not, the schema is enforced: constrained decoding is all troupe does.
+        return _schema_of(spec.get("schema"), where)
+    raise unsupported(f"{param} of type {kind!r}", param)
 
 
-def structured_agents(body: dict[str, Any]) -> None:
-    """The agents API's ``schema``, ``tools`` and ``tool_choice`` on a turn."""
-    for feature in ("schema", "tools", "tool_choice"):
-        if body.get(feature) is not None:
-            raise unsupported(feature, feature)
+def structured_openai(body: dict[str, Any], *, responses: bool = False) -> Structure:
+    """OpenAI's ``tools``, ``tool_choice`` and ``response_format`` (chat completions), or
+    ``text.format`` (``responses``: the Responses API, whose tools are flat)."""
+    if body.get("functions") or body.get("function_call") is not None:
+        raise unsupported("functions (use tools)", "functions")
+    schema = None
+    if responses:
+        text = body.get("text")
+        if text is not None and not isinstance(text, dict):
+            raise ApiError(400, "text must be an object", param="text", code="invalid_value")
+        if text is not None and text.get("format") is not None:
+            schema = _openai_format(text["format"], "text.format", flat=True)
+    elif body.get("response_format") is not None:
+        schema = _openai_format(body["response_format"], "response_format", flat=False)
+    given = body.get("tools")
+    if given is not None and not isinstance(given, list):
+        raise ApiError(400, "tools must be an array", param="tools", code="invalid_value")
+    tools = []
+    for i, item in enumerate(given or []):
+        where = f"tools[{i}]"
+        if not isinstance(item, dict) or item.get("type") != "function":
+            kind = item.get("type") if isinstance(item, dict) else None
+            raise unsupported(f"{where}: tools of type {kind!r} (function tools only)", "tools")
+        spec = item if responses else item.get("function")
+        if not isinstance(spec, dict):
+            raise ApiError(400, f"{where}.function must be an object", param="tools",
+                           code="invalid_value")
+        tools.append(_tool(spec, "parameters", where))
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        named = choice if responses else choice.get("function")
+        choice = named.get("name") if isinstance(named, dict) else None
+    if not isinstance(choice, str):
+        raise ApiError(400, "tool_choice must be 'auto', 'none', 'required' or names a "
+                       "function", param="tool_choice", code="invalid_value")
+    return _structure(schema, tools, choice)
+
+
+_ANTHROPIC_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def structured_anthropic(body: dict[str, Any]) -> Structure:
+    """Anthropic's ``tools`` (client tools: ``name``, ``description``, ``input_schema``)
+    and ``tool_choice`` (``auto``, ``any``: a call is required, ``tool``: that one,
+    ``none``)."""
+    given = body.get("tools")
+    if given is not None and not isinstance(given, list):
+        raise ApiError(400, "tools: must be an array", param="tools")
+    tools = []
+    for i, item in enumerate(given or []):
+        where = f"tools.{i}"
+        if not isinstance(item, dict) or item.get("type") not in (None, "custom"):
+            kind = item.get("type") if isinstance(item, dict) else None
+            raise unsupported(f"{where}: tools of type {kind!r} (client tools only)", "tools")
+        tools.append(_tool(item, "input_schema", where))
+    value = body.get("tool_choice")
+    choice = "auto"
+    if value is not None:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "tool" and isinstance(value.get("name"), str):
+            choice = value["name"]
+        elif kind in _ANTHROPIC_CHOICES:
+            choice = _ANTHROPIC_CHOICES[kind]
+        else:
+            raise ApiError(400, "tool_choice: type must be auto, any, tool (with a name) or "
+                           "none", param="tool_choice")
+    return _structure(None, tools, choice)
+
+
+def structured_agents(body: dict[str, Any]) -> Structure:
+    """The agents API's ``schema`` (a JSON Schema), ``choices``, ``regex``, ``tools``
+    (``name``, ``description``, ``parameters``) and ``tool_choice``, as ``Agent.say``
+    takes them."""
+    schema = body.get("schema")
+    if schema is not None:
+        schema = _schema_of(schema, "schema")
+    choices, regex = body.get("choices"), body.get("regex")
+    for name, value in (("choices", choices), ("regex", regex)):
+        if value is None:
+            continue
+        try:
+            make_constraint(**{name: value})
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, f"{name}: {exc}", param=name, code="invalid_value") from None
+    given = body.get("tools")
+    if given is not None and not isinstance(given, list):
+        raise ApiError(400, "tools must be an array", param="tools", code="invalid_value")
+    tools = []
+    for i, item in enumerate(given or []):
+        if not isinstance(item, dict):
+            raise ApiError(400, f"tools[{i}] must be an object", param="tools",
+                           code="invalid_value")
+        tools.append(_tool(item, "parameters", f"tools[{i}]"))
+    choice = body.get("tool_choice", "auto")
+    if not isinstance(choice, str):
+        raise ApiError(400, "tool_choice must be 'auto', 'none', 'required' or a tool's name",
+                       param="tool_choice", code="invalid_value")
+    structure = _structure(schema, tools, choice)
+    if (choices is not None or regex is not None) and (
+            schema is not None or (tools and choice != "none")):
+        raise ApiError(400, "give at most one of schema, choices, regex, or tools with a "
+                       "tool_choice other than 'none'", param="schema", code="invalid_value")
+    return attrs.evolve(structure, choices=None if choices is None else tuple(choices),
+                        regex=regex)
+
+
+def call_arguments(value: object, where: str, param: str) -> dict[str, Any]:
+    """A resent call's arguments: a JSON object, or OpenAI's JSON text of one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ApiError(400, f"{where}: the arguments must be JSON", param=param,
+                           code="invalid_value") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{where}: the arguments must be a JSON object", param=param,
+                       code="invalid_value")
+    return value
+
+
+def call_name(value: object, where: str, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{where}: a call needs a function name", param=param,
+                       code="invalid_value")
+    return value
+
+
+def with_calls(text: str, calls: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """An assistant message a client sends back, calls included: its text, then its calls
+    in troupe's ``<tool_call>`` format (as a constrained call was written, so that a
+    resent conversation renders as the model saw it)."""
+    return text + tool_calls_text(calls) if calls else text
+
+
+def reply_text(reply: Reply, starts: Sequence[str]) -> str | None:
+    """A reply's text for the client: all of it, or, when it calls tools, what it says
+    before its first call (None if that is blank)."""
+    if not reply.tool_calls:
+        return reply.text
+    cut = min((i for i in (reply.text.find(s) for s in starts) if i >= 0),
+              default=len(reply.text))
+    head = reply.text[:cut]
+    return head if head.strip() else None
+
+
+def arguments_json(call: ToolCall) -> str:
+    return json.dumps(call.arguments, ensure_ascii=False)
+
+
+class CallFilter:
+    """A streamed reply's text with its tool calls held back (they go out whole, parsed,
+    once the reply is in): text is let through until a call starts, less any tail that
+    may be the start of one's marker. A reply that can only be calls lets nothing through;
+    what was held back goes out at the end if the reply turns out to call nothing."""
+
+    def __init__(self, structure: Structure, starts: Sequence[str]) -> None:
+        self._starts = tuple(starts) if structure.calls else ()
+        self._calling = structure.forced
+        self._held = ""
+
+    def feed(self, delta: str) -> str:
+        if not self._starts:
+            return delta
+        self._held += delta
+        if self._calling:
+            return ""
+        found = [i for i in (self._held.find(s) for s in self._starts) if i >= 0]
+        if found:
+            self._calling = True
+            out, self._held = self._held[: min(found)], self._held[min(found):]
+            return out
+        # The longest tail of the text that may begin a marker waits for the next delta.
+        keep = max((k for s in self._starts for k in range(1, len(s))
+                    if self._held.endswith(s[:k])), default=0)
+        out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep:]
+        return out
+
+    def rest(self, reply: Reply) -> str:
+        """What was held back that is text, after all: none if the reply called tools."""
+        held, self._held = self._held, ""
+        return "" if reply.tool_calls else held
 
 
 def text_of(content: Any, param: str) -> str:
@@ -317,8 +606,8 @@ def text_of(content: Any, param: str) -> str:
                 texts.append(text)
             elif kind in ("tool_use", "tool_result", "function_call",
                           "function_call_output"):
-                raise ApiError(400, f"{param}[{i}]: {kind} content is not supported by this "
-                               "server yet", param=param, code="unsupported")
+                raise ApiError(400, f"{param}[{i}]: {kind} content does not belong here",
+                               param=param, code="invalid_value")
             else:
                 raise ApiError(400, f"{param}[{i}]: content of type {kind!r} is not "
                                "supported (text only)", param=param, code="unsupported")

@@ -9,9 +9,11 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 import anthropic
 import anyio
+import attrs
 import httpx
 import openai
 import pytest
@@ -238,11 +240,10 @@ def test_bad_requests_get_openai_errors(oai: openai.OpenAI, model: str) -> None:
         _ask(oai, model, "hi " * 3000, max_tokens=2)
     assert long.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as tools:
-        _ask(oai, model, "hi", max_tokens=2, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object"}}}])
+        _ask(oai, model, "hi", max_tokens=2, tools=[{"type": "code_interpreter"}])
     assert "not supported by this server yet" in tools.value.message
     with pytest.raises(openai.BadRequestError):
-        _ask(oai, model, "hi", max_tokens=2, response_format={"type": "json_object"})
+        _ask(oai, model, "hi", max_tokens=2, response_format={"type": "xml"})
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=model, max_tokens=2, messages=[
             {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
@@ -396,7 +397,7 @@ def test_anthropic_errors_in_its_shape(claude: anthropic.Anthropic, model: str) 
     assert missing.value.body["type"] == "error"  # type: ignore[index]
     with pytest.raises(anthropic.BadRequestError) as tools:
         claude.messages.create(model=model, max_tokens=2, tools=[{
-            "name": "f", "input_schema": {"type": "object"}}],
+            "type": "web_search_20250305", "name": "web_search"}],
             messages=[{"role": "user", "content": "x"}])
     assert tools.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     bad_key = anthropic.Anthropic(base_url=claude.base_url, api_key="wrong", max_retries=0)
@@ -618,3 +619,271 @@ def test_refuses_a_public_address_without_a_key_before_loading(
     assert done.returncode == 2
     assert "without an API key" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- typed replies and tools over HTTP --------------------------------------------------------
+#
+# The model has random weights: only a constrained reply is reliable, so calls are forced
+# (tool_choice required or named) and schemas bound their strings.
+
+WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"enum": ["paris", "rome"]}},
+                      "required": ["city"], "additionalProperties": False}
+OPENAI_TOOLS = [{"type": "function", "function": {
+    "name": "weather", "description": "The weather in a city.",
+    "parameters": WEATHER_PARAMETERS}}]
+ANTHROPIC_TOOLS = [{"name": "weather", "description": "The weather in a city.",
+                    "input_schema": WEATHER_PARAMETERS}]
+VOTE = {"type": "object", "properties": {
+    "choice": {"enum": ["north", "south"]}, "sure": {"type": "boolean"},
+    "why": {"type": "string", "maxLength": 6}},
+    "required": ["choice", "sure", "why"], "additionalProperties": False}
+CALL_TOKENS = 96  # enough for a forced call of WEATHER_PARAMETERS to complete
+
+
+def test_response_format_json_schema_and_json_object(oai: openai.OpenAI, model: str) -> None:
+    import jsonschema
+
+    reply = _ask(oai, model, "Vote.", max_tokens=80, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "vote", "schema": VOTE, "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), VOTE)
+    streamed = _ask(oai, model, "Vote.", max_tokens=80, temperature=0, stream=True,
+                    response_format={
+        "type": "json_schema", "json_schema": {"name": "vote", "schema": VOTE}})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) \
+        == reply.choices[0].message.content
+    # The client's own structured-output helper: a pydantic model's strict schema.
+    import pydantic
+
+    class Vote(pydantic.BaseModel):
+        choice: Literal["north", "south"]
+        sure: bool
+
+    parsed = oai.chat.completions.parse(model=model, max_tokens=40, response_format=Vote,
+                                        messages=[{"role": "user", "content": "Vote."}])
+    assert isinstance(parsed.choices[0].message.parsed, Vote)
+    anything = _ask(oai, model, "Some JSON.", max_tokens=64,
+                    response_format={"type": "json_object"})
+    text = anything.choices[0].message.content or ""
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # a random model may go on adding keys: cut, and said so, never a 500
+        assert anything.choices[0].finish_reason == "length"
+        assert text.startswith("{")
+    # Cut by max_tokens before the value is whole: OpenAI's answer, the partial content
+    # and finish_reason "length".
+    cut = _ask(oai, model, "Vote.", max_tokens=3, response_format={
+        "type": "json_schema", "json_schema": {"name": "vote", "schema": VOTE}})
+    assert cut.choices[0].finish_reason == "length"
+    assert (cut.choices[0].message.content or "").startswith("{")
+    assert cut.usage is not None
+    assert cut.usage.completion_tokens == 3
+    assert cut.usage.prompt_tokens > 0
+    cut_chunks = list(_ask(oai, model, "Vote.", max_tokens=3, stream=True, response_format={
+        "type": "json_schema", "json_schema": {"name": "vote", "schema": VOTE}}))
+    assert cut_chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in cut_chunks).startswith("{")
+
+
+def test_openai_tools_round_trip(oai: openai.OpenAI, model: str, server: Server) -> None:
+    agents = server.statistics().agents
+    messages: list[Any] = [{"role": "user", "content": "Is it sunny in Rome?"}]
+    called = oai.chat.completions.create(
+        model=model, messages=messages, tools=OPENAI_TOOLS, max_tokens=CALL_TOKENS,
+        tool_choice={"type": "function", "function": {"name": "weather"}})
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None
+    [call] = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.function.name == "weather"
+    assert json.loads(call.function.arguments)["city"] in ("paris", "rome")
+    # The client sends the call back with its result: the turn answers the result.
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C."}]
+    answered = oai.chat.completions.create(model=model, messages=messages,
+                                           tools=OPENAI_TOOLS, max_tokens=6)
+    assert answered.choices[0].finish_reason in ("length", "stop")
+    assert answered.choices[0].message.content is not None
+    assert answered.usage is not None
+    # The resent call rendered as the model wrote it: the conversation's agent went on
+    # from its own KV, so only the tool result was prefilled.
+    assert answered.usage.prompt_tokens_details is not None
+    assert (answered.usage.prompt_tokens_details.cached_tokens or 0) \
+        >= called.usage.prompt_tokens  # type: ignore[union-attr]
+    # "required" streamed: no text, the call whole in one delta, then "tool_calls".
+    chunks = list(oai.chat.completions.create(
+        model=model, messages=messages[:1], tools=OPENAI_TOOLS, tool_choice="required",
+        max_tokens=CALL_TOKENS, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks)
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name) for d in deltas] == [(0, "weather")]  # type: ignore[union-attr]
+    assert json.loads(deltas[0].function.arguments)["city"] in ("paris", "rome")  # type: ignore[union-attr, arg-type]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert server.statistics().agents == agents
+
+
+def test_responses_with_a_schema_and_tools(oai: openai.OpenAI, model: str) -> None:
+    import jsonschema
+
+    voted = oai.responses.create(model=model, input="Vote.", max_output_tokens=80,
+                                 text={"format": {"type": "json_schema", "name": "vote",
+                                                  "schema": VOTE, "strict": True}})
+    jsonschema.validate(json.loads(voted.output_text), VOTE)
+    tools: list[Any] = [{"type": "function", "name": "weather", "strict": True,
+                         "description": "The weather in a city.",
+                         "parameters": WEATHER_PARAMETERS}]
+    called = oai.responses.create(model=model, input="Sunny in Rome?", tools=tools,
+                                  tool_choice="required", max_output_tokens=CALL_TOKENS)
+    [item] = called.output
+    assert item.type == "function_call"
+    assert item.name == "weather"
+    assert json.loads(item.arguments)["city"] in ("paris", "rome")
+    # The chain holds the call: only its output is sent to continue it.
+    answered = oai.responses.create(
+        model=model, previous_response_id=called.id, tools=tools, max_output_tokens=6,
+        input=[{"type": "function_call_output", "call_id": item.call_id,
+                "output": "Sunny."}])
+    assert answered.output[0].type == "message"
+    assert answered.status in ("completed", "incomplete")
+    # Streamed: the call's item, its arguments, and the completed response holding it.
+    events = list(oai.responses.create(
+        model=model, input="Sunny in Rome?", tools=tools, max_output_tokens=CALL_TOKENS,
+        tool_choice={"type": "function", "name": "weather"}, stream=True))
+    kinds = [e.type for e in events]
+    assert "response.output_text.delta" not in kinds
+    assert kinds[-4:] == ["response.function_call_arguments.delta",
+                          "response.function_call_arguments.done",
+                          "response.output_item.done", "response.completed"]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert [o.type for o in final.output] == ["function_call"]
+    # An idle keep-alive connection would hold the server's shutdown for its grace period.
+    oai.close()
+
+
+def test_anthropic_tools_round_trip_and_stream(claude: anthropic.Anthropic, model: str) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Is it sunny in Rome?"}]
+    called = claude.messages.create(model=model, max_tokens=CALL_TOKENS, messages=messages,
+                                    tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+                                    tool_choice={"type": "tool", "name": "weather"})
+    assert called.stop_reason == "tool_use"
+    [use] = called.content
+    assert use.type == "tool_use"
+    assert use.name == "weather"
+    assert use.input["city"] in ("paris", "rome")  # type: ignore[index]
+    messages += [{"role": "assistant", "content": [b.model_dump() for b in called.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                               "content": "Sunny, 24 C."}]}]
+    answered = claude.messages.create(model=model, max_tokens=6, messages=messages,
+                                      tools=ANTHROPIC_TOOLS)  # type: ignore[arg-type]
+    assert answered.stop_reason in ("max_tokens", "end_turn")
+    assert [b.type for b in answered.content] == ["text"]
+    assert (answered.usage.cache_read_input_tokens or 0) >= called.usage.input_tokens
+    # Streamed with a required call: the official client's accumulator puts the
+    # input_json_delta back together.
+    with claude.messages.stream(model=model, max_tokens=CALL_TOKENS, messages=messages[:1],
+                                tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+                                tool_choice={"type": "any"}) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content] == ["tool_use"]
+    assert final.content[0].input["city"] in ("paris", "rome")  # type: ignore[union-attr, index]
+    assert "text" not in kinds
+    # Cut before the call is whole: max_tokens, with what was written.
+    cut = claude.messages.create(model=model, max_tokens=3, messages=messages[:1],
+                                 tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+                                 tool_choice={"type": "any"})
+    assert cut.stop_reason == "max_tokens"
+    assert cut.usage.output_tokens == 3
+    assert [b.type for b in cut.content] == ["text"]
+    with claude.messages.stream(model=model, max_tokens=3, messages=messages[:1],
+                                tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+                                tool_choice={"type": "any"}) as stream:
+        cut_streamed = stream.get_final_message()
+    assert cut_streamed.stop_reason == "max_tokens"
+    assert [b.type for b in cut_streamed.content] == ["text"]
+    # An idle keep-alive connection would hold the server's shutdown for its grace period.
+    claude.close()
+
+
+def test_streamed_text_holds_back_what_may_start_a_call() -> None:
+    from troupe.server._turns import CallFilter, Structure
+
+    tools = (troupe.Tool("f", "", {"type": "object"}),)
+    reply = troupe.Reply("a", "Hi <tool_call>...", (), 0, 0, "stop",
+                         tool_calls=(troupe.ToolCall("c", "f", {}),))
+    free = CallFilter(Structure(tools=tools), ["<tool_call>"])
+    out = [free.feed(d) for d in ["Hi <", "tool", "_call>", "{\"name\""]]
+    assert out == ["Hi ", "", "", ""]
+    assert free.rest(reply) == ""
+    # A "<" that starts no call is let through once that is clear, or at the end.
+    text = CallFilter(Structure(tools=tools), ["<tool_call>"])
+    said = text.feed("a <b") + text.feed("> c <")
+    assert said == "a <b> c "
+    assert text.rest(attrs.evolve(reply, tool_calls=())) == "<"
+    forced = CallFilter(Structure(tools=tools, tool_choice="required"), ["<tool_call>"])
+    assert forced.feed("<tool_") == ""
+    assert forced.rest(attrs.evolve(reply, tool_calls=())) == "<tool_"
+    assert CallFilter(Structure(), ["<tool_call>"]).feed("<tool_") == "<tool_"
+
+
+def test_schemas_the_grammar_engine_cannot_compile_are_400s(
+        oai: openai.OpenAI, claude: anthropic.Anthropic, model: str) -> None:
+    bad = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError) as chat:
+        _ask(oai, model, "hi", max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": bad}})
+    assert chat.value.code == "invalid_schema"
+    assert "nonsense" in chat.value.message
+    with pytest.raises(openai.BadRequestError) as tool:
+        _ask(oai, model, "hi", max_tokens=2, stream=True, tools=[{
+            "type": "function", "function": {"name": "f", "parameters": bad}}])
+    assert tool.value.body["param"] == "tools[0].parameters"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.create(model=model, input="hi", max_output_tokens=2, text={
+            "format": {"type": "json_schema", "name": "x", "schema": bad}})
+    with pytest.raises(openai.BadRequestError) as unknown:
+        _ask(oai, model, "hi", max_tokens=2, tools=OPENAI_TOOLS,
+             tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert unknown.value.body["param"] == "tool_choice"  # type: ignore[index]
+    with pytest.raises(anthropic.BadRequestError) as anthropic_bad:
+        claude.messages.create(model=model, max_tokens=2, tools=[{
+            "name": "f", "input_schema": bad}],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": "x"}])
+    assert anthropic_bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+def test_agents_api_typed_turns_and_tool_results(http: httpx.Client) -> None:
+    import jsonschema
+
+    assert http.post("/v1/agents", json={"id": "typed"}).status_code == 201
+    voted = http.post("/v1/agents/typed/turns", json={
+        "message": "Vote.", "schema": VOTE, "max_tokens": 80}).json()
+    jsonschema.validate(voted["data"], VOTE)
+    assert json.loads(voted["text"]) == voted["data"]
+    picked = http.post("/v1/agents/typed/turns", json={
+        "message": "Where?", "choices": ["north", "south"], "max_tokens": 8}).json()
+    assert picked["data"] in ("north", "south")
+    tools = [{"name": "weather", "description": "The weather in a city.",
+              "parameters": WEATHER_PARAMETERS}]
+    called = http.post("/v1/agents/typed/turns", json={
+        "message": "Sunny in Rome?", "tools": tools, "tool_choice": "weather",
+        "max_tokens": CALL_TOKENS}).json()
+    [call] = called["tool_calls"]
+    assert call["name"] == "weather"
+    assert call["arguments"]["city"] in ("paris", "rome")
+    with http.stream("POST", "/v1/agents/typed/turns", json={
+            "tool_results": ["Sunny."], "tools": tools, "tool_choice": "none",
+            "max_tokens": 4, "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                  if line.startswith("data: {")]
+    assert events[-1]["tool_calls"] == []
+    transcript = http.get("/v1/agents/typed").json()["transcript"]
+    assert [m["role"] for m in transcript][-3:] == ["assistant", "tool", "assistant"]
+    assert transcript[-2]["content"] == "Sunny."
+    both = http.post("/v1/agents/typed/turns", json={
+        "message": "x", "schema": VOTE, "choices": ["a"]})
+    assert both.status_code == 400
+    assert http.delete("/v1/agents/typed").status_code == 200

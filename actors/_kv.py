@@ -203,6 +203,11 @@ class KVManager:
     def statistics(self) -> PoolStatistics:
         return self.pool.statistics()
 
+    def over_budget(self) -> bool:
+        """Whether the KV in memory exceeds the budget (what eviction could not take is
+        pinned by turns under way)."""
+        return self.pool.hot_bytes > self.pool.budget
+
     def covered(self, agent_id: str) -> int:
         """How many tokens of the agent's transcript its lease covers."""
         lease = self.pool.leases.get(agent_id)

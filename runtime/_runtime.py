@@ -323,8 +323,7 @@ class Runtime:
     def _kv_over_budget(self) -> bool:
         """Whether the KV in memory exceeds the budget: eviction has taken what it could,
         and the rest is pinned by turns under way (the HTTP server's admission)."""
-        kv = self._storage.kv.statistics()
-        return kv.kv_hot_bytes > kv.kv_budget
+        return self._storage.kv.over_budget()
 
     async def _count_tokens(self, system: str, transcript: list[Message]) -> int:
         """Tokens of the prompt a turn on this conversation would prefill (or reuse)."""

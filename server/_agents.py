@@ -4,7 +4,6 @@ delete), and the runtime's statistics. Documented in the OpenAPI schema (_schema
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -21,7 +20,6 @@ from ._sse import DONE, EventStream, data
 from ._turns import (
     Conversation,
     api_error,
-    open_stream,
     sampling,
     say,
     structured_agents,
@@ -161,14 +159,7 @@ async def turn(request: Request) -> Response:
         finally:
             state.release()
         return JSONResponse(_reply(reply))
-    started = time.perf_counter()
-    try:
-        opened = await open_stream(state.conversations, conversation, options,
-                                   on_close=state.release, structure=structure)
-    except BaseException:
-        state.release()
-        raise
-    state.metrics.ttft.observe(time.perf_counter() - started)
+    opened = await state.open_stream(conversation, options, structure)
 
     async def events() -> AsyncGenerator[bytes, None]:
         try:

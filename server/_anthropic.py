@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -25,7 +24,6 @@ from ._turns import (
     arguments_json,
     call_arguments,
     call_name,
-    open_stream,
     reply_text,
     sampling,
     say,
@@ -170,14 +168,7 @@ async def _stream(
     state: ServerState, conversation: Conversation, options: Sampling, structure: Structure,
     ident: str, stops: list[str],
 ) -> Response:
-    started = time.perf_counter()
-    try:
-        opened = await open_stream(state.conversations, conversation, options,
-                                   on_close=state.release, structure=structure)
-    except BaseException:
-        state.release()
-        raise
-    state.metrics.ttft.observe(time.perf_counter() - started)
+    opened = await state.open_stream(conversation, options, structure)
     calls = CallFilter(structure, state.conversations.call_starts)
 
     async def events() -> AsyncGenerator[bytes, None]:

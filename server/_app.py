@@ -29,11 +29,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import Runtime, TroupeError
+from .. import Runtime, Sampling, TroupeError
 from .._serve import ServeOptions
 from ._errors import ApiError, error_response
 from ._metrics import Metrics
-from ._turns import Conversations, api_error
+from ._turns import Conversation, Conversations, OpenStream, Structure, api_error, open_stream
 
 logger = logging.getLogger("troupe.server")
 
@@ -67,6 +67,22 @@ class ServerState:
 
     def release(self) -> None:
         self.pending -= 1
+
+    async def open_stream(
+        self, conversation: Conversation, options: Sampling, structure: Structure
+    ) -> OpenStream:
+        """Open an admitted turn's stream (``_turns.open_stream``): its admission is
+        released when the stream closes, or now if it fails to open; the time to its first
+        delta goes to the TTFT histogram."""
+        started = time.perf_counter()
+        try:
+            opened = await open_stream(self.conversations, conversation, options,
+                                       on_close=self.release, structure=structure)
+        except BaseException:
+            self.release()
+            raise
+        self.metrics.ttft.observe(time.perf_counter() - started)
+        return opened
 
     def check_model(self, model: object, param: str = "model") -> None:
         if not isinstance(model, str):

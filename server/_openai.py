@@ -37,7 +37,6 @@ from ._turns import (
     arguments_json,
     call_arguments,
     call_name,
-    open_stream,
     reply_text,
     sampling,
     say,
@@ -253,15 +252,8 @@ async def _chat_stream(
     state: ServerState, conversation: Conversation, options: Sampling, structure: Structure,
     ident: str, created: int, include_usage: bool,
 ) -> Response:
-    started = time.perf_counter()
-    try:
-        opened = await open_stream(state.conversations, conversation, options,
-                                   on_close=state.release, structure=structure)
-    except BaseException:
-        state.release()
-        raise
+    opened = await state.open_stream(conversation, options, structure)
     calls = CallFilter(structure, state.conversations.call_starts)
-    state.metrics.ttft.observe(time.perf_counter() - started)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         payload: dict[str, Any] = {
@@ -459,15 +451,11 @@ async def responses(request: Request) -> Response:
         rid = f"{chain.chain}_{await chain.turns(rt)}"
         return JSONResponse(_response(state, rid, body, options, reply,
                                       _output(state, msg_id, reply)))
-    started = time.perf_counter()
     try:
-        opened = await open_stream(state.conversations, chain.conversation, options,
-                                   on_close=state.release, structure=structure)
+        opened = await state.open_stream(chain.conversation, options, structure)
     except BaseException:
-        state.release()
         await chain.failed(rt)
         raise
-    state.metrics.ttft.observe(time.perf_counter() - started)
     return EventStream(_response_events(state, chain, opened, body, options, structure,
                                         msg_id), opened.aclose)
 

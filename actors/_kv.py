@@ -241,7 +241,7 @@ class KVManager:
         """An agent deactivates: its lease leaves memory (its blocks stay, as a cache)."""
         self.pool.release_lease(agent_id)
 
-    def forked_tail(self, source_id: str) -> tuple[list[bytes], Tail | None, Tail | None]:
+    def fork_of(self, source_id: str) -> tuple[list[bytes], Tail | None, Tail | None]:
         """A fork of ``source_id``'s lease: its chain, a tail of the fork's own sharing the
         source's arrays (immutable), and the source's tail."""
         source = self.pool.lease(source_id)

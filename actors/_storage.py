@@ -402,7 +402,7 @@ class Storage(Actor):
                 await anyio.to_thread.run_sync(self.files.remove, name)
 
     async def _fork(self, message: ForkAgent) -> int:
-        chain, tail, source_tail = self.kv.forked_tail(message.source_id)
+        chain, tail, source_tail = self.kv.fork_of(message.source_id)
         if self._catalog is not None:
             assert self._sqlite is not None
             stored = self.kv.on_disk(chain)

@@ -18,6 +18,7 @@ import anyio
 from . import BLAS
 from ._blas import REFERENCE, slow_blas_note
 from ._errors import TroupeError
+from ._serve import ServeExtraMissing
 
 # Static caps that catch typos before a model loads; the model's own context length is
 # checked when a turn starts (ContextLengthError, reported as one line).
@@ -322,8 +323,10 @@ async def _serve(args: argparse.Namespace) -> None:
     import signal
 
     from ._runtime import open_runtime
-    from ._serve import ServeOptions, serve
+    from ._serve import ServeOptions, serve, server_app
     from ._validate import parse_bytes
+
+    is_loopback = server_app().is_loopback  # without the serve extra: one line, exit 2
 
     keys = [*args.api_key, *filter(None, os.environ.get("TROUPE_API_KEYS", "").split(","))]
     options = ServeOptions(
@@ -333,8 +336,6 @@ async def _serve(args: argparse.Namespace) -> None:
         cors_origins=tuple(args.cors_origin), grace_seconds=args.grace,
         model_name=args.model_name, kept_conversations=args.kept_conversations)
     # Refused before the model loads: a typo'd host must not cost a minute of loading.
-    from .server._app import is_loopback
-
     if not keys and not args.insecure_no_auth and not is_loopback(args.host):
         raise ValueError(f"refusing to serve {args.host} without an API key: give one "
                          "(--api-key), or --insecure-no-auth to serve it open")
@@ -413,7 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             print("troupe: interrupted", file=sys.stderr)
             return INTERRUPTED_EXIT
-        if not all(isinstance(leaf, TroupeError | ValueError | OSError) for leaf in leaves):
+        if not all(isinstance(leaf, TroupeError | ValueError | OSError | ServeExtraMissing)
+                   for leaf in leaves):
             raise
         more = ""
         if len(leaves) > 1:

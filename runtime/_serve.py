@@ -4,6 +4,7 @@ needs none of the server's dependencies (the ``serve`` extra) until a server sta
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import anyio
@@ -81,10 +82,21 @@ async def serve(
     cannot be bound; ImportError without the ``serve`` extra
     (``pip install 'troupe[serve]'``).
     """
+    _app = server_app()
+    await _app.serve(rt, host=host, port=port, options=options, shutdown=shutdown,
+                     task_status=task_status)
+
+
+class ServeExtraMissing(ImportError):
+    """The server's packages are not installed (the ``serve`` extra)."""
+
+
+def server_app() -> ModuleType:
+    """``troupe.server._app``, imported only when a server starts, so that ``import troupe``
+    needs none of the server's packages; ServeExtraMissing (an ImportError) without them."""
     try:
         from .server import _app
     except ImportError as exc:
-        raise ImportError(f"troupe.serve needs the serve extra: pip install 'troupe[serve]' "
-                          f"({exc})") from exc
-    await _app.serve(rt, host=host, port=port, options=options, shutdown=shutdown,
-                     task_status=task_status)
+        raise ServeExtraMissing(f"troupe serve needs the serve extra: pip install "
+                                f"'troupe[serve]' ({exc})") from exc
+    return _app

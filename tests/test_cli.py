@@ -220,3 +220,20 @@ def test_bench_overhead_writes_its_figures(
         assert itl[run]["p99_ms"] > 0, run
     assert itl["long_prompt_tokens"] > 0
     assert itl["prefill_engine_steps"] >= itl["prefill_chunks"] > 0
+
+
+async def test_serve_without_the_serve_extra_says_what_to_install(
+    tmp_path: Path, troupe_env: dict[str, str]
+) -> None:
+    # As if Starlette were not installed: an import of it fails, as it would then.
+    blocked = ("import sys; sys.modules['starlette'] = None; "
+               "from troupe._cli import main; sys.exit(main(['serve', '--port', '0']))")
+    (result,) = await _run_all([([PYTHON, "-c", blocked], troupe_env)], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("troupe: ")
+              and "note:" not in line]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("troupe: error: troupe serve needs the serve extra: "
+                                "pip install 'troupe[serve]' (")
+    assert "starlette" in errors[0]
+    assert "Traceback" not in result.stderr
